@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from httpserver import LocalHTTPServer  # noqa: E402
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on 127.0.0.1; add routes with ``http_server.add(path, body=..., status=...)``."""
+    server = LocalHTTPServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``torch`` need the reference implementation; skip them cleanly where it is absent."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        skip = pytest.mark.skip(reason="torch/transformers not installed (pip install -e '.[torch]')")
+        for item in items:
+            if "torch" in item.keywords:
+                item.add_marker(skip)
