@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def pytest_collection_modifyitems(config, items):
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
+        if os.environ.get("REQUIRE_TORCH") == "1":
+            raise pytest.UsageError("REQUIRE_TORCH=1 but torch/transformers are not installed")
         skip = pytest.mark.skip(reason="torch/transformers not installed (pip install -e '.[torch]')")
         for item in items:
             if "torch" in item.keywords:
