@@ -7,6 +7,7 @@ exit 0 success, 1 a check that ran and failed (``verify``), 2 bad input (one lin
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -217,6 +218,208 @@ def verify(
 
 
 # ---------------------------------------------------------------- gallery: ingest, query, stats
+
+DbOpt = typer.Option(None, "--db", help="Gallery database. Default: $DINOV2_DB, else gallery.db in the working directory.")
+
+
+def _db_path(db: Optional[Path]) -> Path:
+    return Path(db or os.environ.get("DINOV2_DB") or "gallery.db")
+
+
+def _open_db(db: Optional[Path], must_exist: bool = False):
+    from retrieval import store
+    from retrieval.errors import InputError
+
+    path = _db_path(db)
+    if must_exist and not path.exists():
+        raise InputError(f"{path}: no such gallery database (run: python cli.py ingest --csv FILE --db {path})")
+    return path, store.connect(path)
+
+
+class _Progress:
+    """One self-rewriting status line on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, s):
+        if not self.enabled:
+            return
+        rate = s.images_per_s
+        eta = ""
+        if s.total and rate > 0 and s.done < s.total:
+            left = (s.total - s.done) / max(rate, s.done / max(s.seconds, 1e-9))
+            eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
+        total = f"/{s.total}" if s.total else ""
+        sys.stderr.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
+                         f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def _summary_line(s, db_path) -> str:
+    line = (f"{s.status}: {s.new} new, {s.skipped} skipped, {s.failed} failed, {s.duplicate} duplicate"
+            f" in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s) -> {db_path} (run {s.run_id})")
+    if s.reasons:
+        line += "\nfailed: " + ", ".join(f"{tag} x{n}" for tag, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
+    return line
+
+
+@app.command()
+def ingest(
+    csv: Optional[Path] = typer.Option(None, "--csv", help="CSV of image URLs (column url/image_url/..., else the first)."),
+    folder: Optional[Path] = typer.Option(None, "--dir", help="A folder of images, read recursively (instead of --csv)."),
+    db: Optional[Path] = DbOpt,
+    weights: Optional[str] = WeightsOpt,
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="resize-short (default), center-crop or hf; an existing gallery keeps its own."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="hf (default) or official; an existing gallery keeps its own."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="cls (default), mean or concat; an existing gallery keeps its own."),
+    batch_size: int = BatchOpt,
+    workers: int = typer.Option(8, "--workers", help="Concurrent downloads."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry every failed row, whatever its reason."),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Transient failures (timeouts, 5xx, 429) are retried on later runs until this many attempts."),
+    images_dir: Optional[Path] = typer.Option(None, "--images-dir", help="Where downloaded originals are stored. Default: <db name>_images beside the database."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Total seconds allowed for one download."),
+    max_mb: float = typer.Option(50.0, "--max-mb", help="Largest download accepted, in MB."),
+    offline: bool = OfflineOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+):
+    """Add images to the gallery; re-runs skip everything already known (no network request)."""
+    import json
+
+    from retrieval import ingest as I
+    from retrieval.encoder import EncoderSettings, load_encoder
+    from retrieval.errors import ConfigError
+    from retrieval.fetch import FetchConfig
+    from retrieval.hub import resolve_weights
+    from retrieval.store import get_model
+
+    if (csv is None) == (folder is None):
+        raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
+    db_path, conn = _open_db(db)
+    recorded = get_model(conn) or {}
+    settings = EncoderSettings(
+        preprocess=preprocess or recorded.get("preprocess", "resize-short"),
+        interpolation=interpolation or recorded.get("interpolation", "hf"),
+        pooling=pooling or recorded.get("pooling", "cls"),
+        batch_size=batch_size,
+    )
+    fetch = FetchConfig(deadline=timeout, max_bytes=int(max_mb * 1024 * 1024))
+    options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
+                              images_dir=images_dir, fetch=fetch)
+    encoder = load_encoder(resolve_weights(weights, allow_download=not offline), settings)
+    progress = _Progress(not quiet)
+    try:
+        if csv is not None:
+            summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
+        else:
+            summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        typer.echo(json.dumps({**summary.as_dict(), "db": str(db_path)}, indent=2))
+    else:
+        typer.echo(_summary_line(summary, db_path))
+
+
+@app.command()
+def query(
+    image: Optional[Path] = typer.Argument(None, help="Query image file."),
+    url: Optional[str] = typer.Option(None, "--url", help="Query by an image URL instead."),
+    image_id: Optional[int] = typer.Option(None, "--id", help="Query by the id of an image already in the gallery."),
+    k: int = typer.Option(10, "-k", "--k", help="How many results."),
+    db: Optional[Path] = DbOpt,
+    weights: Optional[str] = WeightsOpt,
+    offline: bool = OfflineOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
+):
+    """Find the gallery images most like a query image (cosine similarity)."""
+    import json
+
+    from retrieval import query as Q
+    from retrieval.decode import decode, open_path
+    from retrieval.errors import ConfigError, InputError
+    from retrieval.fetch import Fetcher
+    from retrieval.hub import resolve_weights
+
+    if sum(x is not None for x in (image, url, image_id)) != 1:
+        raise ConfigError("give exactly one query: an image file, --url URL or --id N")
+    if k < 1:
+        raise ConfigError(f"-k {k}: expected a positive number")
+    db_path, conn = _open_db(db, must_exist=True)
+    if image_id is not None:
+        results = Q.by_id(conn, image_id, k)
+    else:
+        Q.gallery_model(conn)
+        encoder = Q.gallery_encoder(conn, resolve_weights(weights, allow_download=not offline))
+        if url is not None:
+            with Fetcher() as fetcher:
+                res = fetcher.fetch(url)
+            if not res.ok:
+                raise InputError(f"{url}: {res.reason}")
+            img = decode(res.data, url)
+        else:
+            img = open_path(image)
+        results = Q.by_image(conn, encoder, img, k)
+    for r in results:
+        r["path"] = Q.display_path(r["path"], db_path)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    if not results:
+        typer.echo("no results: the gallery holds no vectors")
+        return
+    typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  url, then the stored file")
+    for r in results:
+        local = r["path"] and Path(r["path"]).resolve() == Path(r["url"]).resolve()
+        typer.echo(f"{r['rank']:>4}  {r['score']:6.4f}  {r['id']:>6}  {r['path'] if local else r['url']}")
+        if r["path"] and not local:
+            typer.echo(f"{'':>4}  {'':>6}  {'':>6}  {r['path']}")
+
+
+@app.command()
+def stats(
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Counts by status, the model, the database's size and the last runs."""
+    import json
+
+    from retrieval import store
+
+    db_path, conn = _open_db(db, must_exist=True)
+    s = store.stats(conn)
+    if as_json:
+        typer.echo(json.dumps(s, indent=2, default=str))
+        return
+    c = s["counts"]
+    typer.echo(f"database   {db_path} ({s['file_bytes'] / 1e6:.1f} MB)")
+    typer.echo(f"images     {c.get('total', 0)}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicate; {s['vectors']} vectors")
+    m = s["model"]
+    if m:
+        typer.echo(f"model      {m['variant']}, dim {m['dim']}, {m['preprocess']}, interpolation {m['interpolation']}, pooling {m['pooling']}, weights sha256 {m['weights_sha256'][:12]}…")
+    else:
+        typer.echo("model      none yet")
+    if s["runs"]:
+        typer.echo("last runs")
+        for r in s["runs"]:
+            rate = f"{r['images_per_s']:.2f} img/s" if r.get("images_per_s") is not None else ""
+            typer.echo(f"  #{r['id']} {r['started_at']} {r['status']:<11} new {r['new']}, skipped {r['skipped']}, failed {r['failed']}, duplicate {r['duplicate']}  {rate}  {r['source']}")
+
+
+@app.command("vec-path")
+def vec_path():
+    """Print the sqlite-vec extension's path, for `.load` in the sqlite3 shell."""
+    import sqlite_vec
+
+    typer.echo(sqlite_vec.loadable_path())
+
 
 
 def main() -> None:
