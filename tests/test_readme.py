@@ -61,3 +61,50 @@ def test_readme_sql_session_runs_in_the_sqlite3_shell(gallery):
     assert ids == expected
     assert float(rows[0][1]) == 1.0
     assert [float(r[1]) for r in rows] == pytest.approx([round(float(s), 4) for s in np.sort(sims)[::-1][:5]], abs=1e-4)
+
+
+def setup_commands() -> list[str]:
+    section = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_readme_has_two_setup_commands():
+    cmds = setup_commands()
+    assert len(cmds) == 2 and all("\n" not in c for c in cmds), cmds
+    assert "cli.py ingest --csv demo_data/demo.csv" in cmds[0] and "cli.py query" in cmds[0]
+    assert "pytest" in cmds[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert cmds[1] in ci, ".ci/run must run the README's test command"
+
+
+@pytest.mark.slow
+def test_readme_main_command_works_in_a_fresh_venv(tmp_path):
+    """The first set-up command, verbatim, in a fresh clone and virtual environment (offline: random
+    weights of the real shapes stand in for the hub download, which these machines cannot reach)."""
+    import os
+
+    from retrieval.variants import official_config, random_params
+    from retrieval.weights import save_params
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    # the working tree as it is now (tests run before a commit too)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file():
+            (clone / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, clone / f)
+    weights = tmp_path / "small.safetensors"
+    save_params(random_params(official_config("small", depth=2), seed=0), weights)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "DINOV2_"))}
+    env.update(DINOV2_WEIGHTS=str(weights), DINOV2_OFFLINE="1", DINOV2_CACHE=str(tmp_path / "cache"))
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "venv" not in p)
+    proc = subprocess.run(["bash", "-c", setup_commands()[0]], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "completed: 4 new, 0 skipped, 0 failed" in proc.stdout
+    ranks = re.findall(r"^\s+(\d)\s+([0-9.]+)\s+\d+\s+demo_data/images/", proc.stdout, re.M)
+    assert [r[0] for r in ranks] == ["1", "2", "3", "4"], proc.stdout
+    assert (clone / "gallery.db").exists() and not (tmp_path / "cache").exists()
