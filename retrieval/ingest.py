@@ -239,8 +239,11 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
 
 
 def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestOptions, out: queue.Queue,
-             stop: threading.Event, images_dir: Path):
-    """Producer thread body: everything up to encoding. Puts Items, then None (done) or an exception."""
+             stop: threading.Event, images_dir: Path, fetcher: Fetcher):
+    """Producer thread body: everything up to encoding. Puts Items, then None (done) or an exception.
+
+    ``fetcher`` belongs to the main thread, which closes it when the run stops: downloads in flight are
+    aborted then, so an interrupted run does not wait for a hung server's deadline."""
     conn = store.connect(db_path, apply_migrations=False)
     db_dir = Path(db_path).resolve().parent
     route = encoder.settings.preprocess
@@ -297,22 +300,20 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
         return _prepare(item, data, route, None, db_dir)
 
     try:
-        with Fetcher(options.fetch, workers=options.workers) as fetcher:
-            results = fetch_many(((item, url) for item, url in todo()), workers=options.workers,
-                                 fetcher=fetcher)
-            try:
-                for res in results:
-                    item: Item = res.key
-                    item.http_status = res.http_status
-                    if not res.ok:
-                        item.error = res.reason
-                        put(item)
-                    else:
-                        put(_prepare(item, res.data, route, images_dir, db_dir))
-                    if stop.is_set():
-                        break
-            finally:
-                results.close()
+        results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
+        try:
+            for res in results:
+                if stop.is_set():  # e.g. "cancelled" by the main thread closing the fetcher: not recorded
+                    break
+                item: Item = res.key
+                item.http_status = res.http_status
+                if not res.ok:
+                    item.error = res.reason
+                    put(item)
+                else:
+                    put(_prepare(item, res.data, route, images_dir, db_dir))
+        finally:
+            results.close()
         put(None)
     except BaseException as exc:  # handed to the main thread, which re-raises it
         put(exc)
@@ -342,8 +343,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     started = time.monotonic()
     out: queue.Queue = queue.Queue(maxsize=options.queue_size)
     stop = threading.Event()
+    fetcher = Fetcher(options.fetch, workers=options.workers)
     producer = threading.Thread(target=_produce, name="ingest-producer", daemon=True,
-                                args=(source, db_path, encoder, options, out, stop, images_dir))
+                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
     failures: list[Item] = []
     bs = encoder.settings.batch_size
@@ -424,6 +426,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         raise
     finally:
         stop.set()
+        fetcher.close()  # aborts downloads in flight (Ctrl-C must not wait for a hung server)
         producer.join(timeout=30)
         summary.seconds = time.monotonic() - started
         summary.status = status
