@@ -522,11 +522,33 @@ def record_ok(conn, row: dict, vector) -> tuple[int, str]:
             mine = _existing(conn, params["url_hash"])
             if mine is None or int(mine["id"]) != holder:
                 return record_duplicate(conn, row, holder)
+        before = conn.execute("SELECT id, status, content_sha256 FROM images WHERE url_hash = ?",
+                              (params["url_hash"],)).fetchone()
+        if before is not None and before["status"] == "ok" and before["content_sha256"] != params["content_sha256"]:
+            _promote_duplicate(conn, int(before["id"]))
         conn.execute(_UPSERT_OK, params)
         image_id = int(_existing(conn, params["url_hash"])["id"])
         conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (image_id,))
         conn.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)", (image_id, blob))
         return image_id, "ok"
+
+
+def _promote_duplicate(conn, image_id: int) -> None:
+    """The ok row ``image_id`` is about to hold other content: its first duplicate takes over the old
+    content and vector (becoming ok), and the other duplicates point at that one."""
+    dups = [int(r[0]) for r in conn.execute(
+        "SELECT id FROM images WHERE duplicate_of = ? AND status = 'duplicate' ORDER BY id", (image_id,))]
+    if not dups:
+        return
+    heir = dups[0]
+    old = conn.execute("SELECT embedding FROM image_embeddings WHERE image_id = ?", (image_id,)).fetchone()
+    # the old content's unique-ok slot is freed first: the row being replaced stops being ok for a moment
+    conn.execute("UPDATE images SET content_sha256 = NULL WHERE id = ?", (image_id,))
+    conn.execute("UPDATE images SET status = 'ok', duplicate_of = NULL, updated_at = ? WHERE id = ?", (_now(), heir))
+    conn.execute("UPDATE images SET duplicate_of = ? WHERE duplicate_of = ? AND status = 'duplicate'", (heir, image_id))
+    if old is not None:
+        conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (heir,))
+        conn.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)", (heir, old[0]))
 
 
 def record_failed(conn, row: dict) -> tuple[int, str]:

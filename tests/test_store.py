@@ -448,3 +448,23 @@ def test_two_processes_write_at_once(tmp_path):
     assert [r[0] for r in conn.execute("SELECT status FROM runs")] == ["completed", "completed"]
     assert store.check(conn) == []
     conn.close()
+
+
+def test_changed_content_of_an_ok_row_promotes_its_duplicate(tmp_path):
+    """A file re-encoded with new content must not leave its duplicates pointing at the wrong picture."""
+    conn = store.connect(tmp_path / "g.db")
+    store.ensure_model(conn, {"variant": "small", "weights_sha256": "0" * 64, "preprocess": "resize-short",
+                              "interpolation": "hf", "pooling": "cls", "dim": 4})
+    a_old, a_new = np.array([1.0, 0, 0, 0]), np.array([0, 1.0, 0, 0])
+    a, _ = store.record_ok(conn, {"url": "/x/a.jpg", "content_sha256": "a" * 64}, a_old)
+    b, st = store.record_ok(conn, {"url": "/x/b.jpg", "content_sha256": "a" * 64}, a_old)
+    c, _ = store.record_ok(conn, {"url": "/x/c.jpg", "content_sha256": "a" * 64}, a_old)
+    assert st == "duplicate"
+    store.record_ok(conn, {"url": "/x/a.jpg", "content_sha256": "b" * 64}, a_new)
+    rows = {r["id"]: dict(r) for r in conn.execute("SELECT id, status, duplicate_of, content_sha256 FROM images")}
+    assert rows[a]["status"] == "ok" and rows[a]["content_sha256"] == "b" * 64
+    assert rows[b]["status"] == "ok" and rows[b]["duplicate_of"] is None
+    assert rows[c]["status"] == "duplicate" and rows[c]["duplicate_of"] == b
+    np.testing.assert_allclose(store.get_vector(conn, b), a_old)
+    np.testing.assert_allclose(store.get_vector(conn, a), a_new)
+    assert store.check(conn) == []
