@@ -29,7 +29,9 @@ Reasons are ``"<tag>: <message>"``; the tag (``FetchResult.tag``) is one of
 ``transient`` says whether a later run may succeed: timeout, deadline, incomplete, connection, http-5xx,
 http-408 and http-429 are transient; the rest are permanent. Within one fetch, transient failures are
 retried (``retries`` times, exponential backoff with jitter, or the server's Retry-After); DNS "no such host",
-deadline and cancelled are transient but not retried in the same run.
+deadline and cancelled are transient but not retried in the same run. A retry cut short by the deadline reports
+the failure that caused the retry ("connection: reset ... (gave up after 3 attempts: the 60 s deadline passed
+during the last one)"), not "deadline".
 
 Content is not judged here: an HTML page served with status 200 is returned as data (``content_type`` is for
 information only); the image decoder rejects it.
@@ -525,6 +527,7 @@ class Fetcher:
         jar = RequestsCookieJar()
         attempts = 0
         note = ""
+        retried = None  # the failure that caused the current retry
         with self._active_lock:
             self._active.add(entry)
         _tls.entry = entry
@@ -539,6 +542,13 @@ class Fetcher:
                 except _Cancelled:
                     out = _fail("cancelled: the fetcher was closed", True, False)
                     break
+                if retried is not None and not out.ok and (out.reason or "").startswith("deadline:"):
+                    # a retry cut short by the deadline: the failure that caused it is the explanation
+                    # (so a server that resets every connection is "connection", whatever the timing)
+                    out = retried
+                    note = (f" (gave up after {attempts} attempts: the {cfg.deadline:g} s deadline passed "
+                            "during the last one)")
+                    break
                 if out.ok or not out.retry:
                     break
                 if attempts > cfg.retries:
@@ -552,6 +562,7 @@ class Fetcher:
                 if self._closed.wait(delay):
                     out = _fail("cancelled: the fetcher was closed", True, False)
                     break
+                retried = out
         finally:
             entry.deactivate()
             _tls.entry = None
