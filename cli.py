@@ -292,16 +292,30 @@ def ingest(
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
+    import math
 
     from retrieval import ingest as I
     from retrieval.encoder import EncoderSettings, load_encoder
-    from retrieval.errors import ConfigError
+    from retrieval.errors import ConfigError, DatabaseError, InputError
     from retrieval.fetch import FetchConfig
     from retrieval.hub import resolve_weights
-    from retrieval.store import get_model
+    from retrieval.store import SQLITE_ERRORS, get_model
 
     if (csv is None) == (folder is None):
         raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
+    # check the source before the database is opened: a mistyped name must not create a gallery
+    if csv is not None and not csv.is_file():
+        raise InputError(f"{csv}: no such CSV file")
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"--timeout {timeout:g}: expected a positive number of seconds")
+    max_bytes = int(max_mb * 1024 * 1024) if math.isfinite(max_mb) else 0
+    if not 1 <= max_bytes <= 2**40:
+        raise ConfigError(f"--max-mb {max_mb:g}: expected a number of megabytes above 0, at most {2**20}")
+    fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes)
+    options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
+                              images_dir=images_dir, fetch=fetch)
     db_path, conn = _open_db(db)
     recorded = get_model(conn) or {}
     settings = EncoderSettings(
@@ -310,9 +324,6 @@ def ingest(
         pooling=pooling or recorded.get("pooling", "cls"),
         batch_size=batch_size,
     )
-    fetch = FetchConfig(deadline=timeout, max_bytes=int(max_mb * 1024 * 1024))
-    options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
-                              images_dir=images_dir, fetch=fetch)
     encoder = load_encoder(resolve_weights(weights, allow_download=not offline), settings)
     progress = _Progress(not quiet)
     try:
@@ -320,6 +331,8 @@ def ingest(
             summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
+    except SQLITE_ERRORS as exc:  # e.g. the disk filled up: what was committed stays, the next run resumes
+        raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
     finally:
         progress.close()
     if as_json:
@@ -411,6 +424,29 @@ def stats(
         for r in s["runs"]:
             rate = f"{r['images_per_s']:.2f} img/s" if r.get("images_per_s") is not None else ""
             typer.echo(f"  #{r['id']} {r['started_at']} {r['status']:<11} new {r['new']}, skipped {r['skipped']}, failed {r['failed']}, duplicate {r['duplicate']}  {rate}  {r['source']}")
+
+
+@app.command()
+def doctor(
+    db: Optional[Path] = DbOpt,
+    repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed without losing an ok row that has a vector; checkpoint the WAL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+):
+    """Check a gallery database (integrity, vectors vs rows, norms, model, migrations, runs, files, WAL) and say how to repair it.
+
+    Exit 0 when healthy (after --repair: when every problem was fixed), 1 when problems remain.
+    """
+    import json
+
+    from retrieval import doctor as D
+
+    report = D.examine(_db_path(db), repair_it=repair)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        typer.echo(D.format_report(report))
+    if not report.healthy:
+        raise typer.Exit(1)
 
 
 @app.command("vec-path")
