@@ -4,9 +4,10 @@ Two threads. A producer thread (with its own read connection) walks the source, 
 gallery already knows (no network request), downloads the rest concurrently, decodes and
 preprocesses each image, stores the original under ``images_dir`` named by its content hash, and
 hands items to the main thread through a bounded queue. The main thread encodes items in batches of
-equal shape and commits each batch -- its rows and vectors, and the failures that arrived with it --
-in one transaction. So downloading and decoding overlap with encoding, memory stays flat however
-long the source is, and a crash or SIGKILL loses at most the batch in flight.
+equal shape and commits each batch -- its rows and vectors, and the failures and duplicates that
+arrived with it -- in one transaction. Bytes the gallery already holds are recorded as duplicates
+without being decoded or encoded. So downloading and decoding overlap with encoding, memory stays
+flat however long the source is, and a crash or SIGKILL loses at most the batch in flight.
 
 Failures are data: every row that could not be ingested is stored with status ``failed`` and its
 reason ("http-404: Not Found", "not-an-image: ...").
@@ -110,6 +111,7 @@ class Item:
     info: dict = field(default_factory=dict)  # content_sha256, width, height, format, bytes, path
     skipped: int = 0  # a marker item that only counts skipped rows
     local: bool = False  # url is a local file's absolute path: read it, don't fetch it
+    duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
 
     def row(self) -> dict:
         r = {"url": self.url, "url_hash": self.url_hash, "meta": self.meta or None, "mtime": self.mtime,
@@ -212,10 +214,17 @@ def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
     return dest
 
 
-def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_dir: Path) -> Item:
-    """Decode and preprocess ``data`` into ``item`` (pixels and info), or set its error."""
+def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_dir: Path,
+             holder_of: Callable[[str], int | None]) -> Item:
+    """Decode and preprocess ``data`` into ``item`` (pixels and info), or set its error; bytes the
+    gallery already holds (``holder_of(sha256)`` finds the ok row) make it a duplicate, not decoded."""
     sha = hashlib.sha256(data).hexdigest()
     item.info = {"content_sha256": sha, "bytes": len(data)}
+    if images_dir is None:
+        item.info["path"] = item.url
+    item.duplicate_of = holder_of(sha)
+    if item.duplicate_of is not None:
+        return item
     try:
         img = decode(data, item.url)
         pixels = preprocess(img, route)
@@ -223,9 +232,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
         item.error = f"{exc.reason}: {exc.problem}"
         return item
     item.info.update(width=img.width, height=img.height, format=img.format)
-    if images_dir is None:
-        item.info["path"] = item.url
-    else:
+    if images_dir is not None:
         try:
             stored = _store_original(data, sha, img.format or "", images_dir)
         except OSError as exc:
@@ -259,6 +266,9 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
         order.append(h)
         if len(order) > window:
             recent.discard(order.popleft())
+
+    def holder_of(sha: str) -> int | None:
+        return store.find_by_content(conn, sha)
 
     def put(item):
         while not stop.is_set():
@@ -297,7 +307,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
         except OSError as exc:
             item.error = f"unreadable: {exc.strerror or exc}"
             return item
-        return _prepare(item, data, route, None, db_dir)
+        return _prepare(item, data, route, None, db_dir, holder_of)
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
@@ -311,7 +321,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                     item.error = res.reason
                     put(item)
                 else:
-                    put(_prepare(item, res.data, route, images_dir, db_dir))
+                    put(_prepare(item, res.data, route, images_dir, db_dir, holder_of))
         finally:
             results.close()
         put(None)
@@ -347,7 +357,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     producer = threading.Thread(target=_produce, name="ingest-producer", daemon=True,
                                 args=(source, db_path, encoder, options, out, stop, images_dir, fetcher))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
-    failures: list[Item] = []
+    others: list[Item] = []  # failures and duplicates: no encoding, committed with the next batch
     bs = encoder.settings.batch_size
     last_commit = last_progress = time.monotonic()
 
@@ -358,8 +368,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
             feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
             for x, v in zip(items, feats):
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
-        for x in failures:
-            outcomes.append({**x.row(), "status": "failed"})
+        for x in others:
+            if x.error is not None:
+                outcomes.append({**x.row(), "status": "failed"})
+            else:
+                outcomes.append({**x.row(), "status": "duplicate", "duplicate_of": x.duplicate_of})
         results = store.commit_batch(conn, outcomes)
         for o, (_, status) in zip(outcomes, results):
             if o["status"] == "failed":
@@ -372,7 +385,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 summary.duplicate += 1
             else:
                 summary.new += 1
-        failures.clear()
+        others.clear()
         last_commit = time.monotonic()
         report()
 
@@ -400,8 +413,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
             if item is not False:
                 if item.skipped:
                     summary.skipped += item.skipped
-                elif item.error is not None:
-                    failures.append(item)
+                elif item.error is not None or item.duplicate_of is not None:
+                    others.append(item)
                 else:
                     bucket = buckets.setdefault(item.pixels.shape, [])
                     bucket.append(item)
@@ -412,13 +425,15 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 if pending >= 4 * bs:  # many shapes, none full: encode the largest group
                     commit(buckets.pop(max(buckets, key=lambda s: len(buckets[s]))))
                     continue
-            if failures and (len(failures) >= 256 or time.monotonic() - last_commit > 2):
+            if item is False and buckets:  # the producer is behind: encode what is ready
+                commit(buckets.pop(max(buckets, key=lambda s: len(buckets[s]))))
+            elif others and (len(others) >= 256 or time.monotonic() - last_commit > 2):
                 commit([])
             elif time.monotonic() - last_progress > 0.2:
                 report()
         for shape in list(buckets):
             commit(buckets.pop(shape))
-        if failures:
+        if others:
             commit([])
         status = "completed"
     except KeyboardInterrupt:

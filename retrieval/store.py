@@ -579,6 +579,12 @@ def record_duplicate(conn, row: dict, duplicate_of: int | None = None) -> tuple[
             if duplicate_of is None:
                 raise ValueError(f"{params['url']}: no ok image holds content {params['content_sha256']}")
         target = conn.execute("SELECT status, url_hash FROM images WHERE id = ?", (duplicate_of,)).fetchone()
+        if (target is None or target["status"] != "ok") and params["content_sha256"]:
+            # the named holder changed since it was looked up (another process): the content's current one
+            holder = find_by_content(conn, params["content_sha256"])
+            if holder is not None:
+                duplicate_of = holder
+                target = conn.execute("SELECT status, url_hash FROM images WHERE id = ?", (holder,)).fetchone()
         if target is None or target["status"] != "ok":
             raise ValueError(f"{params['url']}: duplicate_of={duplicate_of} is not an ok image")
         if target["url_hash"] == params["url_hash"]:  # the same URL already holds this content

@@ -304,6 +304,13 @@ def test_rerun_makes_no_requests_and_fetches_only_appended_rows(http_server, ing
     assert [r["status"] for r in runs] == ["completed"] * 3
     assert [(r["new"], r["skipped"], r["failed"]) for r in runs] == [(3, 0, 2), (0, 5, 0), (2, 5, 0)]
 
+    # a later run: a new URL serving bytes the gallery already holds is a duplicate (no second vector)
+    mirror = http_server.add("/mirror/0.jpg", body=jpeg(10), headers={"Content-Type": "image/jpeg"})
+    append_csv(csv, [mirror])
+    s4 = ingest("--csv", csv, "--db", db)
+    assert (s4["new"], s4["duplicate"], s4["skipped"]) == (0, 1, 7), s4
+    assert assert_consistent(db) == {"ok": 5, "failed": 2, "duplicate": 1}
+
 
 def test_transient_failures_retried_until_max_attempts_permanent_never(http_server, ingest, tmp_path):
     ok = http_server.add("/ok.jpg", body=jpeg(30), headers={"Content-Type": "image/jpeg"})
