@@ -183,18 +183,6 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-SQL_OK_WITHOUT_VECTOR = ("SELECT id FROM images WHERE status = 'ok' "
-                         "AND id NOT IN (SELECT image_id FROM image_embeddings) ORDER BY id")
-SQL_ORPHAN_VECTORS = ("SELECT image_id FROM image_embeddings "
-                      "WHERE image_id NOT IN (SELECT id FROM images WHERE status = 'ok') ORDER BY image_id")
-# NaN norms come back as NULL: ifnull makes them count as bad
-SQL_BAD_NORMS = ("SELECT image_id FROM image_embeddings "
-                 "WHERE ifnull(abs(vec_distance_l2(embedding, ?) - 1.0), 1e300) > ? ORDER BY image_id")
-SQL_DANGLING_DUPLICATES = (
-    "SELECT d.id FROM images AS d LEFT JOIN images AS o ON o.id = d.duplicate_of "
-    "WHERE d.status = 'duplicate' AND (o.id IS NULL OR o.status != 'ok') ORDER BY d.id")
-
-
 def _stale_runs(conn) -> tuple[list, list, list]:
     """'running' runs: (dead on this host, alive on this host, elsewhere or without a pid)."""
     host = socket.gethostname()
@@ -298,7 +286,7 @@ def _vectors_missing(conn, ctx) -> Check:
         skip = _need_vectors(ctx, "vectors_missing")
         if skip:
             return skip
-        ids = _ids(conn, SQL_OK_WITHOUT_VECTOR)
+        ids = _ids(conn, store.SQL_OK_WITHOUT_VECTOR)
     if not ids:
         return Check("vectors_missing", detail="every ok row has a vector")
     return Check("vectors_missing", "problem", detail=f"{_plural(len(ids), 'ok row')} without a vector: ids {_listed(ids)}",
@@ -311,7 +299,7 @@ def _vectors_orphan(conn, ctx) -> Check:
     skip = _need_vectors(ctx, "vectors_orphan")
     if skip:
         return skip
-    ids = _ids(conn, SQL_ORPHAN_VECTORS)
+    ids = _ids(conn, store.SQL_ORPHAN_VECTORS)
     if not ids:
         return Check("vectors_orphan", detail="every vector belongs to an ok row")
     return Check("vectors_orphan", "problem",
@@ -326,7 +314,7 @@ def _vector_norms(conn, ctx) -> Check:
     width = _vec_width(conn)
     if not width:
         return Check("vector_norms", "skipped", detail="the vectors table's width is unknown")
-    ids = _ids(conn, SQL_BAD_NORMS, (np.zeros(width, "<f4").tobytes(), store.NORM_TOLERANCE))
+    ids = _ids(conn, store.SQL_BAD_NORMS, (np.zeros(width, "<f4").tobytes(), store.NORM_TOLERANCE))
     if not ids:
         return Check("vector_norms", detail=f"every vector has unit L2 norm (within {store.NORM_TOLERANCE:g})")
     return Check("vector_norms", "problem",
@@ -339,7 +327,7 @@ def _vector_norms(conn, ctx) -> Check:
 def _duplicates(conn, ctx) -> Check:
     if "images" not in ctx["tables"]:
         return Check("duplicates", "skipped", detail="no images table (see migrations)")
-    ids = _ids(conn, SQL_DANGLING_DUPLICATES)
+    ids = _ids(conn, store.SQL_DANGLING_DUPLICATES)
     if not ids:
         return Check("duplicates", detail="every duplicate points at an ok row")
     return Check("duplicates", "problem",
@@ -473,12 +461,12 @@ def repair(conn, path) -> list[str]:
         width = _vec_width(conn)
         if ("image_embeddings" in tables and "images" in tables and width
                 and (model is None or width == int(model["dim"]))):
-            ids = _ids(conn, SQL_ORPHAN_VECTORS)
+            ids = _ids(conn, store.SQL_ORPHAN_VECTORS)
             for i in ids:
                 conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (i,))
             if ids:
                 actions.append(f"deleted {_plural(len(ids), 'orphan vector')} (image_ids {_listed(ids)})")
-            ids = _ids(conn, SQL_BAD_NORMS, (np.zeros(width, "<f4").tobytes(), store.NORM_TOLERANCE))
+            ids = _ids(conn, store.SQL_BAD_NORMS, (np.zeros(width, "<f4").tobytes(), store.NORM_TOLERANCE))
             fixed, dropped = [], []
             for i in ids:
                 blob = conn.execute("SELECT embedding FROM image_embeddings WHERE image_id = ?", (i,)).fetchone()[0]
@@ -497,7 +485,7 @@ def repair(conn, path) -> list[str]:
                 actions.append(f"deleted {_plural(len(dropped), 'zero or non-finite vector')} "
                                f"(image_ids {_listed(dropped)})")
             # after the deletions above: every ok row still without a vector
-            ids = _ids(conn, SQL_OK_WITHOUT_VECTOR)
+            ids = _ids(conn, store.SQL_OK_WITHOUT_VECTOR)
             _mark_refetch(conn, ids, VECTOR_MISSING, now)
             if ids:
                 actions.append(f"marked {_plural(len(ids), 'ok row')} without a vector failed "

@@ -799,6 +799,19 @@ def stats(conn) -> dict:
     }
 
 
+# Consistency queries (store.check and doctor): each selects the ids of the rows with that problem.
+SQL_OK_WITHOUT_VECTOR = ("SELECT id FROM images WHERE status = 'ok' "
+                         "AND id NOT IN (SELECT image_id FROM image_embeddings) ORDER BY id")
+SQL_ORPHAN_VECTORS = ("SELECT image_id FROM image_embeddings "
+                      "WHERE image_id NOT IN (SELECT id FROM images WHERE status = 'ok') ORDER BY image_id")
+# parameters: a zero vector of the table's width, the tolerance; NaN norms come back NULL and count as bad
+SQL_BAD_NORMS = ("SELECT image_id FROM image_embeddings "
+                 "WHERE ifnull(abs(vec_distance_l2(embedding, ?) - 1.0), 1e300) > ? ORDER BY image_id")
+SQL_DANGLING_DUPLICATES = (
+    "SELECT d.id FROM images AS d LEFT JOIN images AS o ON o.id = d.duplicate_of "
+    "WHERE d.status = 'duplicate' AND (o.id IS NULL OR o.status != 'ok') ORDER BY d.id")
+
+
 def check(conn, limit: int = 10) -> list[str]:
     """Consistency problems (empty list = healthy): SQLite integrity_check, missing model record or
     vector table, ok rows without a vector, vectors without an ok row, vectors whose L2 norm is not ~1,
@@ -823,28 +836,19 @@ def check(conn, limit: int = 10) -> list[str]:
         if n_ok:
             problems.append(f"{n_ok} ok images but no image_embeddings table")
     else:
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM images WHERE status = 'ok' "
-            "AND id NOT IN (SELECT image_id FROM image_embeddings) ORDER BY id")]
+        ids = [r[0] for r in conn.execute(SQL_OK_WITHOUT_VECTOR)]
         if ids:
             problems.append(f"{len(ids)} ok images without a vector: ids {listed(ids)}")
-        ids = [r[0] for r in conn.execute(
-            "SELECT image_id FROM image_embeddings "
-            "WHERE image_id NOT IN (SELECT id FROM images WHERE status = 'ok') ORDER BY image_id")]
+        ids = [r[0] for r in conn.execute(SQL_ORPHAN_VECTORS)]
         if ids:
             problems.append(f"{len(ids)} vectors without an ok image: image_ids {listed(ids)}")
         dim = int(model["dim"]) if model else None
         if dim:
             zero = np.zeros(dim, dtype="<f4").tobytes()
-            ids = [r[0] for r in conn.execute(
-                "SELECT image_id FROM image_embeddings "
-                "WHERE abs(vec_distance_l2(embedding, ?) - 1.0) > ? ORDER BY image_id",
-                (zero, NORM_TOLERANCE))]
+            ids = [r[0] for r in conn.execute(SQL_BAD_NORMS, (zero, NORM_TOLERANCE))]
             if ids:
                 problems.append(f"{len(ids)} vectors not L2-normalised: image_ids {listed(ids)}")
-    ids = [r[0] for r in conn.execute(
-        "SELECT d.id FROM images AS d LEFT JOIN images AS o ON o.id = d.duplicate_of "
-        "WHERE d.status = 'duplicate' AND (o.id IS NULL OR o.status != 'ok') ORDER BY d.id")]
+    ids = [r[0] for r in conn.execute(SQL_DANGLING_DUPLICATES)]
     if ids:
         problems.append(f"{len(ids)} duplicates not pointing at an ok image: ids {listed(ids)}")
     return problems
