@@ -1,8 +1,8 @@
 """Encoder throughput: our NumPy forward pass against transformers' Dinov2Model on the same CPU.
 
-    /work/venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run (~9 min)
-    /work/venv/bin/python bench/bench_encoder.py --quick    # base 224x224 b8 and b1 only, fewer runs (~1 min)
-    /work/venv/bin/python bench/bench_encoder.py --settings base:224x224:8 --no-cli
+    .venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run (~9 min)
+    .venv/bin/python bench/bench_encoder.py --quick    # base 224x224 b8 and b1 only, fewer runs (~1 min)
+    .venv/bin/python bench/bench_encoder.py --settings base:224x224:8 --no-cli
 
 What it measures, in ONE run (side by side on the same, possibly busy, machine):
 

@@ -1,9 +1,9 @@
 """Ingest throughput and memory benchmark: does downloading + decoding overlap with encoding?
 
-    /work/venv/bin/python bench/bench_ingest.py --variant small     # about 2 minutes on 2 idle cores
-    /work/venv/bin/python bench/bench_ingest.py                     # base (the default): about 4-5 minutes
-    /work/venv/bin/python bench/bench_ingest.py --quick             # small, 16 images, 1 round, 2,000 rows: smoke
-    /work/venv/bin/python bench/bench_ingest.py --variant small --mixed --diagnose
+    .venv/bin/python bench/bench_ingest.py --variant small     # about 2 minutes on 2 idle cores
+    .venv/bin/python bench/bench_ingest.py                     # base (the default): about 4-5 minutes
+    .venv/bin/python bench/bench_ingest.py --quick             # small, 16 images, 1 round, 2,000 rows: smoke
+    .venv/bin/python bench/bench_ingest.py --variant small --mixed --diagnose
 
 The target (the issue): end-to-end images/s of ``cli.py ingest`` from a local server is at least 90% of the
 encoder's own images/s at the same batch size, and peak memory does not depend on the CSV's length.
