@@ -127,7 +127,8 @@ def prepare(params: dict, cfg: ModelConfig, dtype=np.float32) -> Model:
             "qkv_w": qkv.reshape(D + 1, 3 * D),  # (D + 1, 3D)
             "proj_w": _fold(proj.T, ls1[None, :], f64(pre + "attention.output.dense.bias") * ls1, dt),  # (D + 1, D)
             "fc1_w": _fold(w1.T, n2w[:, None], w1.astype(np.float64) @ n2b + f64(pre + mlp[0] + ".bias"), dt),  # (D + 1, F)
-            "fc2_w": _fold(w2.T, ls2[None, :], f64(pre + mlp[1] + ".bias") * ls2, dt),  # (F + 1, D)
+            "fc2_w": out(w2.T * ls2[None, :]),  # (F, D), LayerScale folded
+            "fc2_b": out(f64(pre + mlp[1] + ".bias") * ls2),  # (D,), added with the residual
         })
     return Model(cfg=cfg, arrays=a, dtype=dt.type)
 
@@ -278,17 +279,17 @@ def normalize_into(x, out, eps):
     return out
 
 
-# GELU for float32: gelu(x) = max(x, 0) - |x| * Phi(-|x|), Phi the standard normal CDF, with
-# log Phi(-t) on 0 <= t <= 6 as a rational function P5(t) / Q3(t) (least-squares fit in float64 on
-# Chebyshev nodes; error 1.3e-8 there). Over all float32 inputs the result is within 2.4e-7 absolute
-# and 1.3e-7 relative to max(|gelu(x)|, 1) of the exact value: the same as float32
-# x * (1 + erf(x / sqrt(2))) / 2 through SciPy's erf (the reference's own vectorised float32 erf is
-# less accurate). Beyond |x| = 6, |x| * Phi(-|x|) < 6e-9. 22 cheap passes over the data instead of
-# SciPy's scalar erf; other dtypes use SciPy's erf.
-_GELU_P = (-49.45988869210441, -84.95739631641537, -62.16452849918649, -24.43437790698617,
-           -5.2290352765868, -0.4994815319985986)  # P5 coefficients, t**0 first
-_GELU_Q = (71.35553526719877, 40.43000234980179, 10.376897856424273)  # monic Q3: t**3 + these, t**0 first
-_GELU_T = 6.0
+# GELU for float32: gelu(x) = max(x, 0) - t Phi(-t) with t = |x|, Phi the standard normal CDF, and
+# t Phi(-t) = exp(-t**2 / 2) * t P2(t) / Q3(t) (Q3 monic; a rational approximation of the Mills ratio,
+# weighted least squares towards minimax in float64 on 0 <= t <= 8: 4.0e-8 absolute error in
+# t Phi(-t)). t is clamped at 8, where t Phi(-t) < 1e-14. Over float32 inputs the result is within
+# 2.5e-7 absolute (half an ulp of 4) and 1.2e-7 relative to max(|gelu(x)|, 1) of the exact value: the
+# same as float32 x * (1 + erf(x / sqrt(2))) / 2 through SciPy's erf (the reference's own vectorised
+# float32 erf is less accurate). 19 cheap passes over the data instead of SciPy's scalar erf
+# (tests/test_model_gelu.py checks it); other dtypes use SciPy's erf.
+_GELU_P = (4.584049425930373, 2.0800228879040197, 0.4037536742221101)  # P2 coefficients, t**0 first
+_GELU_Q = (9.168057740341226, 11.475774209336976, 5.376099052404765)  # monic Q3: t**3 + these, t**0 first
+_GELU_T = 8.0
 
 
 def gelu(x, t=None, p=None, q=None):
@@ -300,22 +301,27 @@ def gelu(x, t=None, p=None, q=None):
         x *= y
         return x
     t, p, q = (np.empty_like(x) if a is None else a for a in (t, p, q))
-    cp, cq = [np.float32(v) for v in _GELU_P], [np.float32(v) for v in _GELU_Q]
+    (p0, p1, p2), (q0, q1, q2) = ([np.float32(v) for v in c] for c in (_GELU_P, _GELU_Q))
+    # min and max against a row of constants, not a scalar: NumPy 2.4's loops for a scalar operand are 3x slower
+    limit, zero = np.full(x.shape[-1], _GELU_T, np.float32), np.zeros(x.shape[-1], np.float32)  # (F,) each
     np.abs(x, out=t)  # (..., F) t = |x|
-    np.minimum(t, np.float32(_GELU_T), out=t)
-    np.multiply(t, cp[-1], out=p)  # Horner: p = P5(t)
-    p += cp[-2]
-    for v in cp[-3::-1]:
-        p *= t
-        p += v
-    np.add(t, cq[-1], out=q)  # q = Q3(t)
-    for v in cq[-2::-1]:
-        q *= t
-        q += v
-    p /= q  # log Phi(-t)
-    np.exp(p, out=p)  # Phi(-t)
-    p *= t  # t Phi(-t)
-    np.maximum(x, np.float32(0), out=x)
+    np.minimum(t, limit, out=t)
+    np.multiply(t, np.float32(-0.5), out=q)
+    q *= t
+    np.exp(q, out=q)  # exp(-t**2 / 2)
+    np.multiply(t, p2, out=p)  # Horner: p = t P2(t)
+    p += p1
+    p *= t
+    p += p0
+    p *= t
+    p *= q  # exp(-t**2 / 2) t P2(t)
+    np.add(t, q2, out=q)  # q = Q3(t)
+    q *= t
+    q += q1
+    q *= t
+    q += q0
+    p /= q  # t Phi(-t)
+    np.maximum(x, zero, out=x)
     x -= p  # max(x, 0) - |x| Phi(-|x|) = x Phi(x)
     return x
 
@@ -368,29 +374,26 @@ def attention_heads(qkv, o, images, T, heads, d, s_buf):
 @dataclass
 class _Work:
     """Activation buffers of one forward pass, shared by the threads and reused by every layer.
-    Ones columns carry the biases."""
+    Ones columns carry the biases of QKV, proj and fc1 (the FFN's hidden units are per thread: ``_layers``)."""
 
     x: np.ndarray  # (M, D) residual stream
     a: np.ndarray  # (M, D + 1) normalised tokens | 1
     qkv: np.ndarray  # (M, 3D)
     o: np.ndarray  # (M, D + 1) attention output | 1
-    h: np.ndarray  # (M, F + 1) FFN hidden | 1
-    u: np.ndarray | None  # (M, 2F) swiglu inputs
     parts: np.ndarray  # (P, M, D) partial proj / fc2 products: one per thread, or one shared by row
     B: int
     T: int
 
     @classmethod
     def make(cls, x, cfg: ModelConfig, B: int, T: int, parts: int):
-        M, D, F, dt = B * T, cfg.dim, cfg.hidden, x.dtype
+        M, D, dt = B * T, cfg.dim, x.dtype
 
         def ones(*shape):
             buf = np.empty(shape, dt)
             buf[..., -1] = 1
             return buf
 
-        return cls(x=x, a=ones(M, D + 1), qkv=np.empty((M, 3 * D), dt), o=ones(M, D + 1), h=ones(M, F + 1),
-                   u=np.empty((M, 2 * F), dt) if cfg.ffn == "swiglu" else None, parts=np.empty((parts, M, D), dt),
+        return cls(x=x, a=ones(M, D + 1), qkv=np.empty((M, 3 * D), dt), o=ones(M, D + 1), parts=np.empty((parts, M, D), dt),
                    B=B, T=T)
 
 
@@ -412,7 +415,7 @@ class _Share:
     hidden: tuple
     part: int
     rows: tuple
-    ones: bool  # takes the ones column of o and h (the bias rows of proj and fc2)
+    ones: bool  # takes the ones column of o (the bias row of proj)
 
 
 def _share(k: int, n: int, B: int, T: int, cfg: ModelConfig) -> _Share:
@@ -423,14 +426,16 @@ def _share(k: int, n: int, B: int, T: int, cfg: ModelConfig) -> _Share:
                   k == n - 1)
 
 
-def _residual_norm(w: _Work, sh: _Share, eps, final=None):
-    """Rows of the share: x += the partial products; a = normalised x (or, with ``final``,
+def _residual_norm(w: _Work, sh: _Share, eps, bias=None, final=None):
+    """Rows of the share: x += the partial products (+ bias); a = normalised x (or, with ``final``,
     x = final LayerNorm(x) with its (w, b))."""
     D = w.x.shape[1]
     for i, j in _chunks(*sh.rows, D):
         x = w.x[i:j]  # (m, D)
         for part in w.parts:
             x += part[i:j]
+        if bias is not None:
+            x += bias
         if final is None:
             normalize_into(x, w.a[i:j, :D], eps)  # (m, D)
         else:
@@ -454,23 +459,25 @@ def _attention_part(w: _Work, layer, cfg, sh: _Share, s_buf):
     np.matmul(w.o[rows, c], layer["proj_w"][c], out=w.parts[sh.part, rows])  # (m, D), LayerScale folded
 
 
-def _ffn_part(w: _Work, layer, cfg, sh: _Share, scratch):
-    """The share's fc1 columns, GELU (or SwiGLU), and fc2 product (partial when split by hidden unit)."""
+def _ffn_part(w: _Work, layer, cfg, sh: _Share, h, u, scratch):
+    """The share's fc1 columns, GELU (or SwiGLU), and fc2 product (partial when split by hidden unit)
+    into w.parts[sh.part]; fc2's bias is added with the residual. h (m, f) and u (m, 2f), the hidden
+    units, are this thread's own contiguous buffers, so the element-wise passes run on whole rows."""
     F = cfg.hidden
     f0, f1 = sh.hidden
     r0, r1 = sh.images[0] * w.T, sh.images[1] * w.T
     a = w.a[r0:r1]  # (m, D + 1)
     if cfg.ffn == "swiglu":
-        np.matmul(a, layer["fc1_w"][:, f0:f1], out=w.u[r0:r1, f0:f1])  # (m, f) gate inputs
-        np.matmul(a, layer["fc1_w"][:, F + f0:F + f1], out=w.u[r0:r1, F + f0:F + f1])  # (m, f) value inputs
-        for i, j in _chunks(r0, r1, f1 - f0):
-            np.multiply(silu(w.u[i:j, f0:f1]), w.u[i:j, F + f0:F + f1], out=w.h[i:j, f0:f1])  # (m, f)
+        f = f1 - f0
+        np.matmul(a, layer["fc1_w"][:, f0:f1], out=u[:, :f])  # (m, f) gate inputs
+        np.matmul(a, layer["fc1_w"][:, F + f0:F + f1], out=u[:, f:])  # (m, f) value inputs
+        for i, j in _chunks(0, r1 - r0, f):
+            np.multiply(silu(u[i:j, :f]), u[i:j, f:], out=h[i:j])  # (m, f)
     else:
-        np.matmul(a, layer["fc1_w"][:, f0:f1], out=w.h[r0:r1, f0:f1])  # (m, f)
-        for i, j in _chunks(r0, r1, f1 - f0):
-            gelu(w.h[i:j, f0:f1], *(a[:j - i] for a in scratch))  # (m, f)
-    c = slice(f0, F + 1 if sh.ones else f1)
-    np.matmul(w.h[r0:r1, c], layer["fc2_w"][c], out=w.parts[sh.part, r0:r1])  # (m, D), LayerScale folded
+        np.matmul(a, layer["fc1_w"][:, f0:f1], out=h)  # (m, f)
+        for i, j in _chunks(0, r1 - r0, f1 - f0):
+            gelu(h[i:j], *(a[:j - i] for a in scratch))  # (m, f)
+    np.matmul(h, layer["fc2_w"][f0:f1], out=w.parts[sh.part, r0:r1])  # (m, D), LayerScale folded
 
 
 def _layers(w: _Work, model: Model, sh: _Share, sync, cls_only: bool):
@@ -479,8 +486,10 @@ def _layers(w: _Work, model: Model, sh: _Share, sync, cls_only: bool):
     cfg, layers = model.cfg, model.arrays["layers"]
     g = max(1, min(cfg.heads, SCORE_BLOCK // (w.T * w.T)))  # heads per block of attention scores
     s_buf = np.empty((g, w.T, w.T), w.x.dtype)  # per-thread scratch
-    f = sh.hidden[1] - sh.hidden[0]
-    rows = min(w.x.shape[0], _chunk_rows(f))
+    f, m = sh.hidden[1] - sh.hidden[0], (sh.images[1] - sh.images[0]) * w.T
+    h = np.empty((m, f), w.x.dtype)  # (m, f) hidden units
+    u = np.empty((m, 2 * f), w.x.dtype) if cfg.ffn == "swiglu" else None  # (m, 2f) swiglu inputs
+    rows = min(m, _chunk_rows(f))
     scratch = [np.empty((rows, f), w.x.dtype) for _ in range(3)]
     final = (model.arrays["norm_w"], model.arrays["norm_b"])
     if len(w.parts) == 1:  # split by image: nothing to wait for inside a layer
@@ -494,9 +503,9 @@ def _layers(w: _Work, model: Model, sh: _Share, sync, cls_only: bool):
         sync()
         _residual_norm(w, sh, cfg.eps)  # x += attn; a = norm2(x)
         sync()
-        _ffn_part(w, layer, cfg, sh, scratch)
+        _ffn_part(w, layer, cfg, sh, h, u, scratch)
         sync()
-        _residual_norm(w, sh, cfg.eps, final if last else None)  # x += ffn; a = norm1(x) of the next layer
+        _residual_norm(w, sh, cfg.eps, layer["fc2_b"], final if last else None)  # x += ffn; a = norm1(x) of the next layer
         sync()
 
 
@@ -526,7 +535,8 @@ def block_cls(w: _Work, layer, cfg):
         h = silu(h[:, :cfg.hidden]) * h[:, cfg.hidden:]  # (B, F)
     else:
         gelu(h)  # (B, F)
-    c += np.concatenate([h, np.ones((B, 1), w.x.dtype)], axis=1) @ layer["fc2_w"]  # (B, D)
+    c += h @ layer["fc2_w"]  # (B, D)
+    c += layer["fc2_b"]
     return c
 
 
