@@ -65,13 +65,15 @@ class Model:
 
 def _fold(wt, scale, bias, dt):
     """wt (K, N) weights (any layout, e.g. a transposed view), scale (K, 1) or (1, N) float64 factors,
-    bias (N,) float64 -> (K + 1, N) in ``dt``: [wt * scale ; bias], the bias row meeting the ones column.
-    Each weight is one product of two numbers rounded once (NumPy computes it in float64 by chunks).
+    bias (N,) float64 or None -> (K + 1, N) in ``dt``: [wt * scale ; bias], the bias row meeting the ones
+    column (without a bias: (K, N)). Each weight is one product of two numbers rounded once (NumPy
+    computes it in float64 by chunks, with no float64 copy of the whole matrix).
     """
     K, N = wt.shape
-    out = np.empty((K + 1, N), dt)  # (K + 1, N)
+    out = np.empty((K + (bias is not None), N), dt)  # (K + 1, N) or (K, N)
     np.multiply(wt, scale, out=out[:K])
-    out[K] = bias
+    if bias is not None:
+        out[K] = bias
     return out
 
 
@@ -127,7 +129,7 @@ def prepare(params: dict, cfg: ModelConfig, dtype=np.float32) -> Model:
             "qkv_w": qkv.reshape(D + 1, 3 * D),  # (D + 1, 3D)
             "proj_w": _fold(proj.T, ls1[None, :], f64(pre + "attention.output.dense.bias") * ls1, dt),  # (D + 1, D)
             "fc1_w": _fold(w1.T, n2w[:, None], w1.astype(np.float64) @ n2b + f64(pre + mlp[0] + ".bias"), dt),  # (D + 1, F)
-            "fc2_w": out(w2.T * ls2[None, :]),  # (F, D), LayerScale folded
+            "fc2_w": _fold(w2.T, ls2[None, :], None, dt),  # (F, D), LayerScale folded
             "fc2_b": out(f64(pre + mlp[1] + ".bias") * ls2),  # (D,), added with the residual
         })
     return Model(cfg=cfg, arrays=a, dtype=dt.type)
