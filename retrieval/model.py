@@ -6,8 +6,9 @@ T = 1 + R + N tokens, D width, Hd heads, d = D/Hd head width, F FFN hidden width
 ``prepare`` turns a checkpoint's parameters into the arrays the forward pass multiplies with,
 once at load: transposed, QKV fused (head by head), and every per-channel affine step folded
 exactly into the adjacent weights (LayerNorm scale and shift into QKV and fc1, the attention scale
-into Q, LayerScale into proj and fc2), each bias as one extra weight row that meets a column of
-ones kept beside the activations, so a bias costs no pass of its own. ``forward`` returns all
+into Q, LayerScale into proj and fc2), each bias of QKV, proj and fc1 as one extra weight row that
+meets a column of ones kept beside the activations, so it costs no pass of its own (fc2's is added
+with the residual, keeping the hidden units contiguous for GELU). ``forward`` returns all
 tokens after the final LayerNorm; ``embed`` pools them into image features (for the CLS feature
 the last layer skips the work for the other tokens, which nothing reads).
 
