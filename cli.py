@@ -113,6 +113,9 @@ def _encoder(weights, preprocess="resize-short", interpolation="hf", pooling="cl
     return load_encoder(path, settings)
 
 
+EMBED_WINDOW_BATCHES = 32  # embed decodes this many batches' worth of files at a time, not every file at once
+
+
 def _pixels(paths, route):
     from retrieval.decode import open_path
     from retrieval.preprocess import preprocess
@@ -138,9 +141,13 @@ def embed(
     from retrieval.encoder import encode_pixels
 
     encoder = _encoder(weights, preprocess, interpolation, pooling, batch_size, precision, offline)
-    feats = encode_pixels(encoder, _pixels(images, preprocess))
+    feats = np.empty((len(images), encoder.dim), np.float32)  # (N, D)
+    window = EMBED_WINDOW_BATCHES * encoder.settings.batch_size  # images decoded and held at a time
+    for start in range(0, len(images), window):
+        part = images[start:start + window]
+        feats[start:start + len(part)] = encode_pixels(encoder, _pixels(part, preprocess))
     tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, feats.astype(np.float32))
+    np.save(tmp, feats)
     tmp.replace(out)
     typer.echo(f"{out}: {feats.shape[0]} x {feats.shape[1]} float32 ({encoder.model.cfg.variant}, {preprocess}, {interpolation}, {pooling})")
 
