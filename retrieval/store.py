@@ -39,7 +39,24 @@ import sqlite_vec
 
 from .errors import DatabaseError, ModelMismatchError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations_dir() -> Path:
+    """The checkout's ``migrations/`` (a source tree or an editable install), else the copy a wheel
+    installs as data files under ``<prefix>/share/dinov2-retrieval/migrations`` (pyproject.toml)."""
+    import sysconfig
+
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    installed = []
+    for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
+        try:
+            installed.append(Path(sysconfig.get_path("data", scheme)) / "share" / "dinov2-retrieval" / "migrations")
+        except KeyError:  # a scheme this platform does not have
+            pass
+    return next((d for d in [checkout, *installed] if d.is_dir()), checkout)
+
+
+MIGRATIONS_DIR = _migrations_dir()
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
 BUSY_TIMEOUT_S = 30.0
@@ -237,6 +254,9 @@ def migrate(conn, upto: int | None = None, directory=None) -> list[str]:
     migration this code does not know is newer than the code: DatabaseError naming it.
     """
     known = available_migrations(directory)
+    if not known:
+        raise DatabaseError(f"no migration files in {Path(directory) if directory is not None else MIGRATIONS_DIR}: "
+                            "the installation is incomplete; reinstall dinov2-retrieval")
     names = [name for name, _ in known]
     applied = applied_migrations(conn)
     unknown = [name for name in applied if name not in names]

@@ -77,18 +77,9 @@ def test_readme_has_two_setup_commands():
     assert cmds[1] in ci, ".ci/run must run the README's test command"
 
 
-@pytest.mark.slow
-def test_readme_main_command_works_in_a_fresh_venv(tmp_path):
-    """The first set-up command, verbatim, in a fresh clone and virtual environment (offline: random
-    weights of the real shapes stand in for the hub download, which these machines cannot reach)."""
-    import os
-
-    from retrieval.variants import official_config, random_params
-    from retrieval.weights import save_params
-
-    clone = tmp_path / "clone"
+def clone_working_tree(clone):
+    """A clone of the project with the working tree as it is now (tests run before a commit too)."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    # the working tree as it is now (tests run before a commit too)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
@@ -96,11 +87,30 @@ def test_readme_main_command_works_in_a_fresh_venv(tmp_path):
         if src.is_file():
             (clone / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, clone / f)
-    weights = tmp_path / "small.safetensors"
-    save_params(random_params(official_config("small", depth=2), seed=0), weights)
+    return clone
+
+
+def clean_env(tmp_path, weights):
+    """This environment without our venv, with random weights standing in for the hub download."""
+    import os
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "DINOV2_"))}
     env.update(DINOV2_WEIGHTS=str(weights), DINOV2_OFFLINE="1", DINOV2_CACHE=str(tmp_path / "cache"))
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "venv" not in p)
+    return env
+
+
+@pytest.mark.slow
+def test_readme_main_command_works_in_a_fresh_venv(tmp_path):
+    """The first set-up command, verbatim, in a fresh clone and virtual environment (offline: random
+    weights of the real shapes stand in for the hub download, which these machines cannot reach)."""
+    from retrieval.variants import official_config, random_params
+    from retrieval.weights import save_params
+
+    clone = clone_working_tree(tmp_path / "clone")
+    weights = tmp_path / "small.safetensors"
+    save_params(random_params(official_config("small", depth=2), seed=0), weights)
+    env = clean_env(tmp_path, weights)
     proc = subprocess.run(["bash", "-c", setup_commands()[0]], cwd=clone, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -108,3 +118,32 @@ def test_readme_main_command_works_in_a_fresh_venv(tmp_path):
     ranks = re.findall(r"^\s+(\d)\s+([0-9.]+)\s+\d+\s+demo_data/images/", proc.stdout, re.M)
     assert [r[0] for r in ranks] == ["1", "2", "3", "4"], proc.stdout
     assert (clone / "gallery.db").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_its_migrations(tmp_path):
+    """``pip install .`` (not editable) installs no checkout beside the package: the migrations travel as
+    data files, and an ingest run from elsewhere creates the full schema."""
+    from retrieval.variants import official_config, random_params
+    from retrieval.weights import save_params
+
+    clone = clone_working_tree(tmp_path / "clone")
+    weights = tmp_path / "small.safetensors"
+    save_params(random_params(official_config("small", depth=1), seed=0), weights)
+    env = clean_env(tmp_path, weights)
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(clone)], capture_output=True, text=True,
+                         timeout=900, env=env)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    shutil.rmtree(clone)  # nothing may be read from the source tree
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "images.csv").write_text("url\n" + "".join(f"{p}\n" for p in sorted((ROOT / "demo_data" / "images").glob("*.jpg"))))
+    proc = subprocess.run([str(venv / "bin" / "dinov2-retrieval"), "ingest", "--csv", "images.csv", "--db", "g.db"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "completed: 4 new, 0 skipped, 0 failed" in proc.stdout
+    shell = subprocess.run(["/usr/bin/sqlite3", str(work / "g.db"), "SELECT name FROM migrations ORDER BY name"],
+                           capture_output=True, text=True, timeout=60)
+    assert shell.stdout.split() == [p.stem for p in sorted((ROOT / "migrations").glob("*.sql"))]

@@ -120,6 +120,15 @@ def test_failing_migration_leaves_nothing(tmp_path):
     assert not conn.in_transaction
 
 
+def test_missing_migration_files_are_an_error_not_an_empty_schema(tmp_path):
+    empty = tmp_path / "migrations"
+    empty.mkdir()
+    conn = store.connect(tmp_path / "m.db", apply_migrations=False)
+    with pytest.raises(DatabaseError, match="no migration files in .*migrations.*reinstall"):
+        store.migrate(conn, directory=empty)
+    assert "migrations" not in tables(conn)
+
+
 # ---------------------------------------------------------------- URLs
 
 
