@@ -62,7 +62,7 @@ def weights_convert(
 
 @weights_app.command("info")
 def weights_info(
-    path: Optional[str] = typer.Argument(None, help="Weights file. Default: resolved like every command."),
+    path: Optional[str] = typer.Argument(None, help="Weights file or variant name. Default: resolved like every command."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights (also: DINOV2_OFFLINE=1)."),
 ):
     """Show a weights file's format, model, parameter count and sha256."""
@@ -93,7 +93,7 @@ def weights_path():
 
 # ---------------------------------------------------------------- encoder: embed, verify
 
-WeightsOpt = typer.Option(None, "--weights", "-w", help="Weights file (.safetensors, .npz, .pth). Default: $DINOV2_WEIGHTS, ./vit-dinov2-base.npz, the cache, else download.")
+WeightsOpt = typer.Option(None, "--weights", "-w", help="Weights file (.safetensors, .npz, .pth), or a variant name (small, base, large, giant, +'-reg'): its cached copy, downloaded if missing. Default: $DINOV2_WEIGHTS, ./vit-dinov2-base.npz, the cache, else download.")
 PreprocessOpt = typer.Option("resize-short", "--preprocess", help="resize-short (short side 224, sides rounded to 14), center-crop (central 224x224), hf (transformers' processor).")
 InterpolationOpt = typer.Option("hf", "--interpolation", help="Position-table interpolation: hf (transformers, the default) or official (facebookresearch/dinov2).")
 PoolingOpt = typer.Option("cls", "--pooling", help="cls (CLS token after the final LayerNorm), mean (mean of patch tokens) or concat (both).")

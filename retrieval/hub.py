@@ -306,25 +306,34 @@ def _existing(path: Path, where: str = "") -> Path:
 def resolve_weights(explicit=None, *, allow_download: bool = True, progress: bool = True) -> Path:
     """The weights file every command uses, in this order:
 
-    1. ``explicit`` (``--weights PATH``): must exist;
-    2. ``$DINOV2_WEIGHTS``: must exist;
+    1. ``explicit`` (``--weights PATH`` or ``--weights VARIANT``): a path must exist;
+    2. ``$DINOV2_WEIGHTS`` (a path or a variant name): a path must exist;
     3. ``./vit-dinov2-base.npz`` (the seed's convention);
     4. ``<cache>/base/model.safetensors``;
     5. a download of the default variant into the cache, unless ``allow_download`` is false or
        ``DINOV2_OFFLINE=1``; otherwise WeightsUnavailableError saying how to get weights.
+
+    A variant name (``small``, ``base-reg``, ...; an existing file of that name wins) means
+    ``<cache>/<variant>/model.safetensors``, downloaded first when it is not there (same conditions).
     """
-    if explicit is not None and str(explicit) != "":
-        return _existing(Path(explicit))
-    env = os.environ.get(ENV_WEIGHTS)
-    if env:
-        return _existing(Path(env), f" (set in {ENV_WEIGHTS})")
+    for value, where in ((explicit, ""), (os.environ.get(ENV_WEIGHTS), f" (set in {ENV_WEIGHTS})")):
+        if value is None or str(value) == "":
+            continue
+        if str(value) in variants.OFFICIAL and not Path(value).exists():
+            return _variant_weights(str(value), allow_download, progress)
+        return _existing(Path(value), where)
     seed = Path.cwd() / SEED_WEIGHTS
     if seed.is_file():
         return seed
-    cached = cached_path(variants.DEFAULT_VARIANT)
+    return _variant_weights(variants.DEFAULT_VARIANT, allow_download, progress)
+
+
+def _variant_weights(variant: str, allow_download: bool, progress: bool) -> Path:
+    """A variant's cached weights, downloaded first when missing and allowed."""
+    cached = cached_path(variant)
     if cached.is_file():
         return cached
     if allow_download and not is_offline():
-        return download(variants.DEFAULT_VARIANT, progress=progress)
+        return download(variant, progress=progress)
     why = f"{ENV_OFFLINE}=1" if is_offline() else "not downloading"
-    raise WeightsUnavailableError(f"no DINOv2 weights found ({why}; looked in {cached.parent}): {HOW_TO}")
+    raise WeightsUnavailableError(f"no {variant} weights found ({why}; looked in {cached.parent}): {HOW_TO}")

@@ -289,6 +289,28 @@ def test_explicit_or_env_path_must_exist(tmp_path, monkeypatch):
         hub.resolve_weights()
 
 
+def test_a_variant_name_means_its_cached_weights_downloaded_once(http_server, body, tmp_path, monkeypatch):
+    monkeypatch.setitem(variants.OFFICIAL, "small", (384, 12, "facebook/dinov2-small", sha(body)))
+    monkeypatch.setenv("DINOV2_HUB_URL", http_server.url())
+    http_server.add(route("small"), body=body)
+    (tmp_path / "vit-dinov2-base.npz").write_bytes(b"x")  # the default's file: not what "small" means
+    with pytest.raises(WeightsUnavailableError, match=r"no small weights found \(not downloading; looked in .*small\)"):
+        hub.resolve_weights("small", allow_download=False)
+    cached = tmp_path / "cache" / "small" / "model.safetensors"
+    assert hub.resolve_weights("small", progress=False) == cached and cached.read_bytes() == body
+    assert hub.resolve_weights("small") == cached and http_server.count() == 1  # from the cache now
+    monkeypatch.setenv("DINOV2_WEIGHTS", "small")
+    assert hub.resolve_weights() == cached and http_server.count() == 1
+    # an existing file of that name is a path, as before
+    (tmp_path / "small").write_bytes(b"mine")
+    assert hub.resolve_weights("small") == Path("small")
+    # offline and not cached: the one-line error names the variant
+    monkeypatch.setenv("DINOV2_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match=r"no large weights found \(DINOV2_OFFLINE=1"):
+        hub.resolve_weights("large")
+    assert http_server.count() == 1
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("DINOV2_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -336,6 +358,10 @@ def test_cli_download_and_path(http_server, body, tmp_path):
     assert run.stderr.count("\n") == 1
     run = _cli(tmp_path, "weights", "path", DINOV2_WEIGHTS=str(final))
     assert run.returncode == 0 and run.stdout.strip() == str(final)
+    # a variant name instead of a path: the cached file, offline
+    run = _cli(tmp_path, "weights", "info", "small", DINOV2_OFFLINE="1")
+    assert run.returncode == 0, run.stderr
+    assert str(final) in run.stdout
 
 
 def test_cli_404(http_server, tmp_path):
