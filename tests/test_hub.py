@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -368,3 +369,28 @@ def test_cli_404(http_server, tmp_path):
     run = _cli(tmp_path, "weights", "download", "--quiet", DINOV2_HUB_URL=http_server.url())
     assert run.returncode == 2
     assert run.stderr.strip() == f"Error: {http_server.url(route('base'))}: HTTP 404 Not Found"
+
+
+def test_cli_gallery_of_another_variant_finds_its_weights_in_the_cache(tmp_path):
+    """ingest --weights small, then query and a re-run without --weights: the gallery's variant is used
+    (before, commands without --weights only ever looked for the base variant)."""
+    from retrieval.variants import official_config
+
+    cached = tmp_path / "cache" / "small" / "model.safetensors"  # as `weights download --variant small` leaves it
+    cached.parent.mkdir(parents=True)
+    W.save_params(random_params(official_config("small", depth=1), seed=0), cached)
+    images = ROOT / "demo_data" / "images"
+    run = _cli(tmp_path, "ingest", "--dir", str(images), "--db", "g.db", "--weights", "small", "--quiet",
+               DINOV2_OFFLINE="1")
+    assert run.returncode == 0, run.stderr
+    assert "completed: 4 new" in run.stdout
+    query = next(images.glob("*.jpg"))
+    run = _cli(tmp_path, "query", str(query), "--db", "g.db", "-k", "1", "--json", DINOV2_OFFLINE="1")
+    assert run.returncode == 0, run.stderr
+    top = json.loads(run.stdout)[0]
+    assert top["score"] >= 0.9999 and top["url"].endswith(query.name)
+    run = _cli(tmp_path, "ingest", "--dir", str(images), "--db", "g.db", "--quiet", DINOV2_OFFLINE="1")
+    assert run.returncode == 0 and "0 new, 4 skipped" in run.stdout, run.stdout + run.stderr
+    # an explicit choice still wins, and another model is still refused
+    run = _cli(tmp_path, "query", str(query), "--db", "g.db", "--weights", "base", DINOV2_OFFLINE="1")
+    assert run.returncode == 2 and run.stderr.startswith("Error: no base weights found"), run.stderr
