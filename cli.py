@@ -113,20 +113,6 @@ def _encoder(weights, preprocess="resize-short", interpolation="hf", pooling="cl
     return load_encoder(path, settings)
 
 
-def _weights_for_gallery(weights, recorded):
-    """--weights as given. Without it and without $DINOV2_WEIGHTS, a gallery built with an official
-    variant other than the default names that variant (its cached weights, downloaded if missing)."""
-    import os
-
-    from retrieval import variants
-
-    variant = (recorded or {}).get("variant")
-    if weights is None and not os.environ.get("DINOV2_WEIGHTS") and variant in variants.OFFICIAL \
-            and variant != variants.DEFAULT_VARIANT:
-        return variant
-    return weights
-
-
 EMBED_WINDOW_BATCHES = 32  # embed decodes this many batches' worth of files at a time, not every file at once
 
 
@@ -345,7 +331,7 @@ def ingest(
         pooling=pooling or recorded.get("pooling", "cls"),
         batch_size=batch_size,
     )
-    encoder = load_encoder(resolve_weights(_weights_for_gallery(weights, recorded), allow_download=not offline),
+    encoder = load_encoder(resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline),
                            settings)
     progress = _Progress(not quiet)
     try:
@@ -392,7 +378,7 @@ def query(
         results = Q.by_id(conn, image_id, k)
     else:
         model = Q.gallery_model(conn)
-        encoder = Q.gallery_encoder(conn, resolve_weights(_weights_for_gallery(weights, model),
+        encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
             with Fetcher() as fetcher:

@@ -303,18 +303,20 @@ def _existing(path: Path, where: str = "") -> Path:
     return path
 
 
-def resolve_weights(explicit=None, *, allow_download: bool = True, progress: bool = True) -> Path:
+def resolve_weights(explicit=None, *, variant: str | None = None, allow_download: bool = True,
+                    progress: bool = True) -> Path:
     """The weights file every command uses, in this order:
 
     1. ``explicit`` (``--weights PATH`` or ``--weights VARIANT``): a path must exist;
     2. ``$DINOV2_WEIGHTS`` (a path or a variant name): a path must exist;
-    3. ``./vit-dinov2-base.npz`` (the seed's convention);
-    4. ``<cache>/base/model.safetensors``;
-    5. a download of the default variant into the cache, unless ``allow_download`` is false or
+    3. ``./vit-dinov2-base.npz`` (the seed's convention), when the wanted variant is the default;
+    4. ``<cache>/<variant>/model.safetensors``;
+    5. a download of that variant into the cache, unless ``allow_download`` is false or
        ``DINOV2_OFFLINE=1``; otherwise WeightsUnavailableError saying how to get weights.
 
-    A variant name (``small``, ``base-reg``, ...; an existing file of that name wins) means
-    ``<cache>/<variant>/model.safetensors``, downloaded first when it is not there (same conditions).
+    ``variant``: the one wanted when neither 1 nor 2 names weights (a gallery's own); the default
+    variant when None or not an official one. A variant name in 1 or 2 (``small``, ``base-reg``, ...;
+    an existing file of that name wins) means steps 4 and 5 for that variant.
     """
     for value, where in ((explicit, ""), (os.environ.get(ENV_WEIGHTS), f" (set in {ENV_WEIGHTS})")):
         if value is None or str(value) == "":
@@ -322,10 +324,12 @@ def resolve_weights(explicit=None, *, allow_download: bool = True, progress: boo
         if str(value) in variants.OFFICIAL and not Path(value).exists():
             return _variant_weights(str(value), allow_download, progress)
         return _existing(Path(value), where)
+    if variant not in variants.OFFICIAL:
+        variant = variants.DEFAULT_VARIANT
     seed = Path.cwd() / SEED_WEIGHTS
-    if seed.is_file():
+    if variant == variants.DEFAULT_VARIANT and seed.is_file():
         return seed
-    return _variant_weights(variants.DEFAULT_VARIANT, allow_download, progress)
+    return _variant_weights(variant, allow_download, progress)
 
 
 def _variant_weights(variant: str, allow_download: bool, progress: bool) -> Path:
