@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -468,6 +469,12 @@ def vec_path():
 
 
 def main() -> None:
+    # Pillow warns on stderr about any image declaring more than its MAX_IMAGE_PIXELS, before our own
+    # size check (decode.py) turns that image into a one-line "too-large" failure: the warning is noise.
+    # Set here, once, before any thread starts (the library leaves the warnings filters alone).
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         app()
     except RetrievalError as exc:

@@ -51,7 +51,8 @@ warnings filters are left alone; the size limit is our own check of ``img.size``
 own ``DecompressionBombError`` (declared size above ``2 * Image.MAX_IMAGE_PIXELS``) and, when
 warnings are errors, ``DecompressionBombWarning`` are reported as ``"too-large"`` too. When
 the declared size is between ``Image.MAX_IMAGE_PIXELS`` and ``2 *`` that, Pillow emits its
-warning while opening, before our check rejects the image (with the default ``max_pixels``).
+warning while opening, before our check rejects the image (with the default ``max_pixels``);
+``cli.py`` ignores that warning, as the rejection already says it.
 
 EPS data is never handed to Pillow's EPS plugin (it runs Ghostscript on the input); it is
 reported as ``"not-an-image"``.

@@ -266,6 +266,23 @@ def test_ingest_csv_records_every_outcome(http_server, ingest, tmp_path):
     assert assert_consistent(db) == {"ok": 4, "duplicate": 1, "failed": 9}
 
 
+def test_oversized_image_is_one_failure_without_pillow_warning(http_server, cli, tmp_path):
+    """An image declaring 100 MP (above Pillow's own warning threshold, below its hard limit) fails as
+    too-large in the database, and the run's output carries no Pillow DecompressionBombWarning."""
+    from test_decode import png_declaring
+
+    url = http_server.add("/huge.png", body=png_declaring(10_000, 10_000), headers={"Content-Type": "image/png"})
+    good = http_server.add("/good.jpg", body=jpeg(1), headers={"Content-Type": "image/jpeg"})
+    csv, db = write_csv(tmp_path / "data.csv", [url, good]), tmp_path / "gallery.db"
+    p = cli("ingest", "--csv", csv, "--db", db, "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert (s["new"], s["failed"], dict(s["failure_reasons"])) == (1, 1, {"too-large": 1}), s
+    error = rows_by_url(db)[url]["error"]
+    assert error.startswith("too-large") and "10000x10000" in error, error
+    assert "Warning" not in p.stderr and "Warning" not in p.stdout, p.stderr
+
+
 def vector_count_db(db, image_id) -> int:
     conn = store.connect(db)
     try:
