@@ -147,3 +147,62 @@ def test_a_wheel_install_finds_its_migrations(tmp_path):
     shell = subprocess.run(["/usr/bin/sqlite3", str(work / "g.db"), "SELECT name FROM migrations ORDER BY name"],
                            capture_output=True, text=True, timeout=60)
     assert shell.stdout.split() == [p.stem for p in sorted((ROOT / "migrations").glob("*.sql"))]
+
+
+def python_loading_extensions():
+    """Another interpreter on this machine whose sqlite3 module can load extensions and which can make a
+    venv (Debian's /usr/bin/python3 here; this venv's Python cannot), or None."""
+    for exe in ("/usr/bin/python3", shutil.which("python3")):
+        if not exe or not Path(exe).exists() or Path(exe).resolve() == Path(sys.executable).resolve():
+            continue
+        probe = subprocess.run([exe, "-c", "import ensurepip, sqlite3, venv; sqlite3.Connection.enable_load_extension"],
+                               capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return exe
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(python_loading_extensions() is None, reason="no other Python whose sqlite3 loads extensions")
+def test_a_python_whose_sqlite3_loads_extensions_uses_it(tmp_path):
+    """Most users' Pythons (Debian's, python.org's, conda's) can load SQLite extensions, and the gallery is
+    then opened by the standard sqlite3 module rather than sqlean: ingest and query work that way, and the
+    same file is shared with sqlean (this interpreter) and the sqlite3 shell."""
+    from retrieval.variants import official_config, random_params
+    from retrieval.weights import save_params
+
+    exe = python_loading_extensions()
+    clone = clone_working_tree(tmp_path / "clone")
+    weights = tmp_path / "small.safetensors"
+    save_params(random_params(official_config("small", depth=1), seed=0), weights)
+    env = clean_env(tmp_path, weights)
+    venv = tmp_path / "v"
+    subprocess.run([exe, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(clone)], capture_output=True, text=True,
+                         timeout=900, env=env)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    driver = subprocess.run([str(venv / "bin" / "python"), "-c", "from retrieval import store; print(store._driver().__name__)"],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert driver.stdout.strip() == "sqlite3", driver.stdout + driver.stderr
+
+    images = sorted((ROOT / "demo_data" / "images").glob("*.jpg"))
+    csv, db = tmp_path / "images.csv", tmp_path / "g.db"
+    csv.write_text("url\n" + "".join(f"{p}\n" for p in images))
+    tool = str(venv / "bin" / "dinov2-retrieval")
+    proc = subprocess.run([tool, "ingest", "--csv", str(csv), "--db", str(db)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "completed: 4 new, 0 skipped, 0 failed" in proc.stdout, proc.stdout + proc.stderr
+    query = subprocess.run([tool, "query", str(images[2]), "--db", str(db), "-k", "2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert query.returncode == 0, query.stderr
+    first = next(line for line in query.stdout.splitlines() if re.match(r"\s+1\s", line))
+    assert images[2].name in first and re.search(r"\s1\.0+\s", first), query.stdout
+
+    # the same file through sqlean (this interpreter): every image is known
+    again = subprocess.run([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db)], cwd=ROOT,
+                           env={**env, "PATH": str(Path(sys.executable).parent) + ":" + env["PATH"]},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "completed: 0 new, 4 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    shell = subprocess.run([SQLITE3, str(db), "-cmd", f".load {sqlite_vec.loadable_path()}",
+                            "SELECT count(*) FROM image_embeddings"], capture_output=True, text=True, timeout=60)
+    assert shell.stdout.strip() == "4", shell.stdout + shell.stderr
