@@ -358,6 +358,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                                 args=(source, db_path, encoder, options, out, stop, images_dir, fetcher))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
     others: list[Item] = []  # failures and duplicates: no encoding, committed with the next batch
+    # content of the items in buckets -> later items with the same bytes (other URLs): not encoded, recorded
+    # as duplicates right after the first one is recorded ok
+    waiting: dict[str, list[Item]] = {}
     bs = encoder.settings.batch_size
     last_commit = last_progress = time.monotonic()
 
@@ -368,6 +371,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
             feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
             for x, v in zip(items, feats):
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
+                for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
+                    outcomes.append({**y.row(), "status": "duplicate"})
         for x in others:
             if x.error is not None:
                 outcomes.append({**x.row(), "status": "failed"})
@@ -415,7 +420,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                     summary.skipped += item.skipped
                 elif item.error is not None or item.duplicate_of is not None:
                     others.append(item)
+                elif item.info["content_sha256"] in waiting:  # the same bytes wait in a bucket already
+                    item.pixels = None
+                    waiting[item.info["content_sha256"]].append(item)
                 else:
+                    waiting[item.info["content_sha256"]] = []
                     bucket = buckets.setdefault(item.pixels.shape, [])
                     bucket.append(item)
                     if len(bucket) >= bs:

@@ -283,6 +283,35 @@ def test_oversized_image_is_one_failure_without_pillow_warning(http_server, cli,
     assert "Warning" not in p.stderr and "Warning" not in p.stdout, p.stderr
 
 
+def test_same_bytes_at_several_urls_in_one_batch_are_encoded_once(http_server, weights, tmp_path, monkeypatch):
+    """Three URLs serving the same bytes, all waiting for the encoder at once: one is encoded and stored
+    ok, the others are recorded as its duplicates without being encoded (a spy counts what the encoder
+    is given)."""
+    from retrieval import ingest as I
+    from retrieval.encoder import EncoderSettings, load_encoder
+
+    given = []
+    real = I.encode_pixels
+    monkeypatch.setattr(I, "encode_pixels", lambda encoder, arrays: given.append(len(arrays)) or real(encoder, arrays))
+    same, other = jpeg(7), jpeg(8)
+    mirrors = [http_server.add(f"/mirror/{i}.jpg", body=same, headers={"Content-Type": "image/jpeg"}) for i in range(3)]
+    urls = mirrors + [http_server.add("/other.jpg", body=other, headers={"Content-Type": "image/jpeg"})]
+    csv, db = write_csv(tmp_path / "data.csv", urls), tmp_path / "gallery.db"
+    conn = store.connect(db)
+    try:
+        s = I.ingest_csv(conn, db, csv, load_encoder(weights, EncoderSettings(batch_size=8)), I.IngestOptions(workers=4))
+    finally:
+        conn.close()
+    assert (s.new, s.duplicate, s.failed, s.status) == (2, 2, 0, "completed"), s
+    assert sum(given) == 2, given
+    rows = rows_by_url(db)
+    holder = next(rows[u] for u in mirrors if rows[u]["status"] == "ok")
+    assert sorted(rows[u]["status"] for u in mirrors) == ["duplicate", "duplicate", "ok"]
+    assert all(rows[u]["duplicate_of"] == holder["id"] for u in mirrors if rows[u] is not holder)
+    assert all(rows[u]["content_sha256"] == hashlib.sha256(same).hexdigest() for u in mirrors)
+    assert assert_consistent(db) == {"ok": 2, "duplicate": 2}
+
+
 def vector_count_db(db, image_id) -> int:
     conn = store.connect(db)
     try:
