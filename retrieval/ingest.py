@@ -361,6 +361,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     # content of the items in buckets -> later items with the same bytes (other URLs): not encoded, recorded
     # as duplicates right after the first one is recorded ok
     waiting: dict[str, list[Item]] = {}
+    # content recorded ok lately (oldest first, bounded like the producer's window): a copy that the
+    # producer prepared before that commit is a duplicate too, not encoded
+    committed: dict[str, None] = {}
     bs = encoder.settings.batch_size
     last_commit = last_progress = time.monotonic()
 
@@ -373,6 +376,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
                 for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
                     outcomes.append({**y.row(), "status": "duplicate"})
+                committed[x.info["content_sha256"]] = None
+            while len(committed) > 10_000:
+                del committed[next(iter(committed))]
         for x in others:
             if x.error is not None:
                 outcomes.append({**x.row(), "status": "failed"})
@@ -423,6 +429,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 elif item.info["content_sha256"] in waiting:  # the same bytes wait in a bucket already
                     item.pixels = None
                     waiting[item.info["content_sha256"]].append(item)
+                elif item.info["content_sha256"] in committed:  # ... or were just recorded: found by content
+                    item.pixels = None
+                    others.append(item)
                 else:
                     waiting[item.info["content_sha256"]] = []
                     bucket = buckets.setdefault(item.pixels.shape, [])

@@ -283,10 +283,12 @@ def test_oversized_image_is_one_failure_without_pillow_warning(http_server, cli,
     assert "Warning" not in p.stderr and "Warning" not in p.stdout, p.stderr
 
 
-def test_same_bytes_at_several_urls_in_one_batch_are_encoded_once(http_server, weights, tmp_path, monkeypatch):
-    """Three URLs serving the same bytes, all waiting for the encoder at once: one is encoded and stored
-    ok, the others are recorded as its duplicates without being encoded (a spy counts what the encoder
-    is given)."""
+@pytest.mark.parametrize("batch_size", [8, 1])
+def test_same_bytes_at_several_urls_in_the_pipeline_are_encoded_once(http_server, weights, tmp_path, monkeypatch,
+                                                                     batch_size):
+    """Three URLs serving the same bytes, fetched at once: one is encoded and stored ok, the others are
+    recorded as its duplicates without being encoded (a spy counts what the encoder is given), whether
+    they wait in the same batch (8) or arrive once the first is committed (1)."""
     from retrieval import ingest as I
     from retrieval.encoder import EncoderSettings, load_encoder
 
@@ -299,7 +301,7 @@ def test_same_bytes_at_several_urls_in_one_batch_are_encoded_once(http_server, w
     csv, db = write_csv(tmp_path / "data.csv", urls), tmp_path / "gallery.db"
     conn = store.connect(db)
     try:
-        s = I.ingest_csv(conn, db, csv, load_encoder(weights, EncoderSettings(batch_size=8)), I.IngestOptions(workers=4))
+        s = I.ingest_csv(conn, db, csv, load_encoder(weights, EncoderSettings(batch_size=batch_size)), I.IngestOptions(workers=4))
     finally:
         conn.close()
     assert (s.new, s.duplicate, s.failed, s.status) == (2, 2, 0, "completed"), s
