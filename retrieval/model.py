@@ -590,15 +590,6 @@ def _embed_part(model: Model, patches, x, tables, k: int, n: int):
         x[:, 1:1 + R, c0:c1] = a["registers"][:, :, c0:c1]  # (B, R, c)
 
 
-def embed_tokens(model: Model, pixels, pos_mode: str):
-    """pixels (B, 3, H, W) -> tokens (B, T, D) before the first layer: [CLS, registers, patches]."""
-    patches, h, w = _patches(model, pixels)  # (B, N, 3*p*p)
-    B, N, _ = patches.shape
-    x = np.empty((B, 1 + model.cfg.registers + N, model.cfg.dim), model.dtype)  # (B, T, D)
-    _embed_part(model, patches, x, _token_tables(model, h, w, pos_mode), 0, 1)
-    return x
-
-
 def _encode(model: Model, pixels, pos_mode: str, cls_only: bool):
     """pixels (B, 3, H, W) -> all tokens after the final LayerNorm (B, T, D), or the CLS tokens before it (B, D)."""
     if pos_mode not in POS_MODES:

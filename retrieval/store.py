@@ -40,7 +40,6 @@ import sqlite_vec
 from .errors import DatabaseError, ModelMismatchError
 
 
-
 def _migrations_dir() -> Path:
     """The checkout's ``migrations/`` (a source tree or an editable install), else the copy a wheel
     installs as data files under ``<prefix>/share/dinov2-retrieval/migrations`` (pyproject.toml)."""
