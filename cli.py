@@ -227,6 +227,7 @@ def verify(
 
 # ---------------------------------------------------------------- gallery: ingest, query, stats
 
+AllowPrivateOpt = typer.Option(False, "--allow-private", help="Also download from loopback, private and link-local addresses (your LAN); the same as DINOV2_ALLOW_PRIVATE=1.")
 DbOpt = typer.Option(None, "--db", help="Gallery database. Default: $DINOV2_DB, else gallery.db in the working directory.")
 
 
@@ -297,6 +298,7 @@ def ingest(
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+    allow_private: bool = AllowPrivateOpt,
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -321,7 +323,7 @@ def ingest(
     max_bytes = int(max_mb * 1024 * 1024) if math.isfinite(max_mb) else 0
     if not 1 <= max_bytes <= 2**40:
         raise ConfigError(f"--max-mb {max_mb:g}: expected a number of megabytes above 0, at most {2**20}")
-    fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes)
+    fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes, allow_private=True if allow_private else None)
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
                               images_dir=images_dir, fetch=fetch)
     db_path, conn = _open_db(db)
@@ -360,6 +362,7 @@ def query(
     weights: Optional[str] = WeightsOpt,
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
+    allow_private: bool = AllowPrivateOpt,
 ):
     """Find the gallery images most like a query image (cosine similarity)."""
     import json
@@ -367,8 +370,9 @@ def query(
     from retrieval import query as Q
     from retrieval.decode import decode, open_path
     from retrieval.errors import ConfigError, InputError
-    from retrieval.fetch import Fetcher
+    from retrieval.fetch import FetchConfig, Fetcher
     from retrieval.hub import resolve_weights
+    from retrieval.safety import redact_url
 
     if sum(x is not None for x in (image, url, image_id)) != 1:
         raise ConfigError("give exactly one query: an image file, --url URL or --id N")
@@ -382,11 +386,11 @@ def query(
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
-            with Fetcher() as fetcher:
+            with Fetcher(FetchConfig(allow_private=True if allow_private else None)) as fetcher:
                 res = fetcher.fetch(url)
             if not res.ok:
-                raise InputError(f"{url}: {res.reason}")
-            img = decode(res.data, url)
+                raise InputError(f"{redact_url(url)}: {res.reason}")
+            img = decode(res.data, redact_url(url))
         else:
             img = open_path(image)
         results = Q.by_image(conn, encoder, img, k)

@@ -67,10 +67,12 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from requests.cookies import RequestsCookieJar
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
-from retrieval import __version__
+from retrieval import __version__, netguard
 from retrieval.csvread import check_url, clean_url
 from retrieval.errors import ConfigError
+from retrieval.safety import clean_text, redact_text
 
 __all__ = ["FetchConfig", "FetchResult", "Fetcher", "fetch_many", "make_session", "parse_retry_after",
            "DEFAULT_USER_AGENT"]
@@ -101,6 +103,8 @@ class FetchConfig:
     per_host: int = 4                   # concurrent requests per host:port
     chunk_size: int = 64 * 1024
     accept: str = DEFAULT_ACCEPT
+    # connect to loopback/private/link-local/... addresses (retrieval.netguard)? None: $DINOV2_ALLOW_PRIVATE
+    allow_private: bool | None = None
 
     def __post_init__(self):
         def number(name, minimum, strict):
@@ -125,6 +129,8 @@ class FetchConfig:
         integer("max_redirects", 0, 100)
         integer("per_host", 1, 10_000)
         integer("chunk_size", 1, 2**26)
+        if self.allow_private is not None and not isinstance(self.allow_private, bool):
+            raise ConfigError(f"fetch config: allow_private must be True, False or None, got {self.allow_private!r}")
         for name in ("user_agent", "accept"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip() or any(c in v for c in "\r\n\0"):
@@ -189,14 +195,15 @@ _tls = threading.local()
 class _Entry:
     """One fetch() in progress: its absolute deadline and the connection it is using right now."""
 
-    __slots__ = ("lock", "active", "conn", "fired", "deadline_at")
+    __slots__ = ("lock", "active", "conn", "fired", "deadline_at", "allow_private")
 
-    def __init__(self):
+    def __init__(self, allow_private: bool = False):
         self.lock = threading.Lock()
         self.active = True
         self.conn = None
         self.fired = False
         self.deadline_at: float | None = None
+        self.allow_private = allow_private
 
     def attach(self, conn) -> None:
         with self.lock:
@@ -276,9 +283,54 @@ class _Watchdog:
 
 
 class _TrackedConnection:
-    """Mixin for urllib3 connections: remember which fetch is using the connection, for the watchdog."""
+    """Mixin for urllib3 connections: remember which fetch is using the connection, for the watchdog; and
+    connect only to addresses that the address rules (retrieval.netguard) allow: the name is resolved once,
+    every address is checked, and the socket is connected to a checked address (no second lookup)."""
 
     _dl_entry = None
+
+    def _new_conn(self):
+        entry = getattr(_tls, "entry", None)
+        allow = entry.allow_private if entry is not None else netguard.allow_private_default()
+        if allow or getattr(self, "proxy", None) is not None:  # a proxy is the user's choice: it resolves names
+            return super()._new_conn()
+        U = urllib3.exceptions
+        try:
+            infos = netguard.resolve_checked(self._dns_host, self.port, urllib3.util.connection.allowed_gai_family())
+        except socket.gaierror as exc:
+            raise U.NameResolutionError(self.host, self, exc) from exc
+        err = None
+        for af, socktype, proto, _, sa in infos:
+            sock = None
+            try:
+                sock = socket.socket(af, socktype, proto)
+                for opt in self.socket_options or ():
+                    sock.setsockopt(*opt)
+                if self.timeout is not _DEFAULT_TIMEOUT:
+                    sock.settimeout(self.timeout)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                sock.connect(sa)
+                peer = sock.getpeername()[0]
+                if peer.split("%", 1)[0] != sa[0].split("%", 1)[0]:  # cannot happen; a last line of defence
+                    raise netguard.BlockedAddressError(f"blocked-address: connected to {peer}, not the checked {sa[0]}")
+                return sock
+            except netguard.BlockedAddressError:
+                if sock is not None:
+                    sock.close()
+                raise
+            except socket.timeout as exc:
+                if sock is not None:
+                    sock.close()
+                err = U.ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                                  f"(connect timeout={self.timeout})")
+                err.__cause__ = exc
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                err = U.NewConnectionError(self, f"Failed to establish a new connection: {exc}")
+                err.__cause__ = exc
+        raise err if err is not None else U.NewConnectionError(self, "no address to connect to")
 
     def request(self, *args, **kwargs):
         entry = getattr(_tls, "entry", None)
@@ -502,6 +554,8 @@ class Fetcher:
         self.config = config
         self.workers = workers
         self.session = make_session(config, workers)
+        self.allow_private = (netguard.allow_private_default() if config.allow_private is None
+                              else config.allow_private)
         self._hosts = _Hosts(config.per_host)
         self._watchdog = _Watchdog()
         self._closed = threading.Event()
@@ -523,7 +577,7 @@ class Fetcher:
             return FetchResult(url=url, ok=False, reason=reason, transient=False, attempts=0,
                                elapsed=time.monotonic() - t0, key=key)
         cfg = self.config
-        entry = _Entry()
+        entry = _Entry(self.allow_private)
         jar = RequestsCookieJar()
         attempts = 0
         note = ""
@@ -570,7 +624,7 @@ class Fetcher:
                 self._active.discard(entry)
         return FetchResult(
             url=url, ok=out.ok, data=out.data if out.ok else None, http_status=out.status,
-            reason=None if out.ok else (out.reason or "connection: unknown failure") + note,
+            reason=None if out.ok else clean_text(redact_text((out.reason or "connection: unknown failure") + note)),
             transient=False if out.ok else out.transient, attempts=attempts,
             elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key)
 
@@ -615,6 +669,10 @@ class Fetcher:
         current = url
         hops = 0
         while True:
+            if not entry.allow_private:  # an address literal or localhost name: refused without any lookup
+                blocked = netguard.host_problem(urlsplit(current).hostname or "")
+                if blocked is not None:
+                    return _fail(blocked, False)
             key = _host_key(current)
             st = self._hosts.acquire(key, self._closed)
             try:
@@ -720,6 +778,9 @@ class Fetcher:
         chain = _chain(exc)
         E = requests.exceptions
         U = urllib3.exceptions
+        blocked = _has(chain, netguard.BlockedAddressError)
+        if blocked is not None:
+            return _fail(blocked.reason, False, status=status, ctype=ctype)
         if _has(chain, E.InvalidURL, E.MissingSchema, E.InvalidSchema, U.LocationValueError, U.LocationParseError):
             return _fail(f"invalid-url: {_short(exc)}", False, status=status, ctype=ctype)
         if _has(chain, E.ContentDecodingError, U.DecodeError):

@@ -542,7 +542,7 @@ def test_row_repaired_for_a_missing_vector_is_fetched_again_by_plain_ingest(tmp_
     csv.write_text("url\n" + "".join(u + "\n" for u in urls))
     db = tmp_path / "gallery.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DINOV2_") and "proxy" not in k.lower()}
-    env.update(DINOV2_OFFLINE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env.update(DINOV2_OFFLINE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", DINOV2_ALLOW_PRIVATE="1")
 
     def ingest():
         p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ingest", "--csv", str(csv), "--db", str(db),

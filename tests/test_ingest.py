@@ -51,6 +51,7 @@ def env(weights, tmp_path_factory) -> dict:
     e = {k: v for k, v in os.environ.items()
          if k.lower() not in ("http_proxy", "https_proxy", "all_proxy") and not k.startswith("DINOV2_")}
     e.update(DINOV2_OFFLINE="1", DINOV2_WEIGHTS=str(weights), DINOV2_CACHE=str(tmp_path_factory.mktemp("cache")),
+             DINOV2_ALLOW_PRIVATE="1",  # the test servers are on 127.0.0.1 (see conftest.py)
              NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     return e
 
