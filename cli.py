@@ -261,9 +261,10 @@ class _Progress:
             left = (s.total - s.done) / max(rate, s.done / max(s.seconds, 1e-9))
             eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         total = f"/{s.total}" if s.total else ""
-        sys.stderr.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
-                         f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
-        sys.stderr.flush()
+        out = getattr(sys.stderr, "raw", sys.stderr)  # our own \r and erase-line, past the cleaning stream
+        out.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
+                  f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
+        out.flush()
         self.shown = True
 
     def close(self):
@@ -274,6 +275,8 @@ class _Progress:
 def _summary_line(s, db_path) -> str:
     line = (f"{s.status}: {s.new} new, {s.skipped} skipped, {s.failed} failed, {s.duplicate} duplicate"
             f" in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s) -> {db_path} (run {s.run_id})")
+    if getattr(s, "url_column", None):
+        line += f"\nURLs from column '{s.url_column}' ({s.url_column_how})"
     if s.reasons:
         line += "\nfailed: " + ", ".join(f"{tag} x{n}" for tag, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
     return line
@@ -299,6 +302,7 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
     allow_private: bool = AllowPrivateOpt,
+    url_column: Optional[str] = typer.Option(None, "--url-column", help="The CSV column holding the URLs (a header name or 1-based number). Default: the column whose cells look like URLs or image file names."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -316,6 +320,12 @@ def ingest(
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
+    if csv is not None:  # a binary file, a bad --url-column: one line before anything is created
+        from retrieval.csvread import read_rows
+
+        read_rows(csv, url_column=url_column).close()
+    elif url_column is not None:
+        raise ConfigError("--url-column goes with --csv")
     if folder is not None and not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     if not (math.isfinite(timeout) and timeout > 0):
@@ -339,7 +349,7 @@ def ingest(
     progress = _Progress(not quiet)
     try:
         if csv is not None:
-            summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
+            summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress, url_column=url_column)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
     except SQLITE_ERRORS as exc:  # e.g. the disk filled up: what was committed stays, the next run resumes
@@ -479,6 +489,11 @@ def main() -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # nothing printed reaches the terminal raw: control and bidi characters from file names, URLs, servers
+    # and CSV cells are shown escaped (\u001b), JSON output stays valid (retrieval/safety.py)
+    from retrieval.safety import SafeTextStream
+
+    sys.stdout, sys.stderr = SafeTextStream(sys.stdout), SafeTextStream(sys.stderr)
     try:
         app()
     except RetrievalError as exc:

@@ -34,6 +34,7 @@ from .encoder import Encoder, encode_pixels, l2_normalise
 from .errors import ConfigError, ImageError, InputError
 from .fetch import FetchConfig, Fetcher, fetch_many
 from .preprocess import preprocess
+from .safety import clean_text, redact_url
 
 # Failures a later run may retry (up to max_attempts): the server or network may recover.
 TRANSIENT_TAGS = ("timeout", "deadline", "incomplete", "connection", "cancelled", "http-408", "http-429", "tls")
@@ -79,6 +80,8 @@ class Summary:
     status: str = "running"
     total: int | None = None  # rows or files in the source, when known (for progress)
     reasons: dict = field(default_factory=dict)  # failure tag -> count, this run
+    url_column: str | None = None  # a CSV's URL column ("photo_url")
+    url_column_how: str | None = None  # how it was chosen: "by content", "by name", "first column", "given"
 
     @property
     def done(self) -> int:
@@ -94,6 +97,8 @@ class Summary:
             "skipped": self.skipped, "failed": self.failed, "duplicate": self.duplicate,
             "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3),
             "failure_reasons": dict(sorted(self.reasons.items())),
+            **({"url_column": self.url_column, "url_column_how": self.url_column_how}
+               if self.url_column is not None else {}),
         }
 
 
@@ -112,10 +117,12 @@ class Item:
     skipped: int = 0  # a marker item that only counts skipped rows
     local: bool = False  # url is a local file's absolute path: read it, don't fetch it
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
+    fetch_url: str | None = None  # the URL to download when it differs from ``url`` (which has no user info)
 
     def row(self) -> dict:
+        # stored failure reasons never hold control or bidi characters (server texts, file names, CSV cells)
         r = {"url": self.url, "url_hash": self.url_hash, "meta": self.meta or None, "mtime": self.mtime,
-             "http_status": self.http_status, "error": self.error}
+             "http_status": self.http_status, "error": None if self.error is None else clean_text(self.error)}
         r.update(self.info)
         return r
 
@@ -158,12 +165,12 @@ def local_item(path: Path, meta: dict | None = None) -> Item:
     return Item(url=str(path), url_hash=store.url_hash(str(path)), mtime=mtime, meta=meta, local=True)
 
 
-def csv_items(path) -> Iterator[Item]:
+def csv_items(path, rows=None) -> Iterator[Item]:
     """CSV rows as items. A cell with no scheme that names an existing file (relative to the CSV's
     folder, or absolute) is a local image. A row with a bad or missing URL becomes a failed item,
-    keyed by its line when it has no URL at all."""
+    keyed by its line when it has no URL at all. ``rows``: the CSV already opened (read_rows)."""
     folder = Path(path).resolve().parent
-    with read_rows(path) as rows:
+    with (rows if rows is not None else read_rows(path)) as rows:
         for row in rows:
             if row.error and row.error.startswith("invalid-url") and "://" not in row.url:
                 local = folder / row.url
@@ -172,7 +179,9 @@ def csv_items(path) -> Iterator[Item]:
                     continue
                 row.error = "invalid-url: neither an http(s) URL nor an existing file"
             url = row.url or f"csv:{folder / Path(path).name}:{row.line}"
-            yield Item(url=url, url_hash=store.url_hash(url), meta=row.meta, error=row.error)
+            shown = redact_url(url)  # stored, keyed and shown without user:password@; still sent to its host
+            yield Item(url=shown, url_hash=store.url_hash(shown), meta=row.meta, error=row.error,
+                       fetch_url=url if shown != url else None)
 
 
 def dir_items(folder) -> Iterator[Item]:
@@ -297,7 +306,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 elif x.local:
                     put(read_local(x))
                 else:
-                    yield x, x.url
+                    yield x, x.fetch_url or x.url
             if skipped:
                 put(Item(url="", url_hash="", skipped=skipped))
 
@@ -340,7 +349,7 @@ def _tag(error: str) -> str:
 
 def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encoder, options: IngestOptions, *,
         total: int | None = None,
-        progress: Callable[[Summary], None] | None = None) -> Summary:
+        progress: Callable[[Summary], None] | None = None, column: tuple | None = None) -> Summary:
     """Ingest ``source`` into the gallery at ``conn``; returns the run's summary.
 
     KeyboardInterrupt stops the run cleanly: what was committed stays, the run is recorded as
@@ -349,6 +358,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     store.ensure_model(conn, encoder.record())
     images_dir = Path(options.images_dir or default_images_dir(db_path))
     summary = Summary(source=source_name, total=total)
+    summary.url_column, summary.url_column_how = column or (None, None)
     summary.run_id = store.start_run(conn, source_name)
     started = time.monotonic()
     out: queue.Queue = queue.Queue(maxsize=options.queue_size)
@@ -469,12 +479,17 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     return summary
 
 
-def ingest_csv(conn, db_path, csv_path, encoder: Encoder, options: IngestOptions, *, progress=None) -> Summary:
+def ingest_csv(conn, db_path, csv_path, encoder: Encoder, options: IngestOptions, *, progress=None,
+               url_column: str | None = None) -> Summary:
+    """``url_column``: the CSV column holding the URLs (a header name or 1-based number), instead of choosing
+    it by what the cells hold; the summary's ``url_column`` says which one was used and how."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such CSV file")
     total = max(0, count_lines(csv_path) - 1)
-    return run(conn, db_path, csv_items(csv_path), str(csv_path), encoder, options, total=total, progress=progress)
+    rows = read_rows(csv_path, url_column=url_column)
+    return run(conn, db_path, csv_items(csv_path, rows), str(csv_path), encoder, options, total=total,
+               progress=progress, column=(rows.url_column, rows.url_column_how))
 
 
 def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, *, progress=None) -> Summary:

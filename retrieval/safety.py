@@ -53,3 +53,28 @@ def redact_url(url: str) -> str:
 def redact_text(text: str) -> str:
     """``text`` with the user info of every ``scheme://user:pass@`` URL in it removed."""
     return _USERINFO_ANYWHERE.sub(r"\1", text) if "@" in text else text
+
+
+class SafeTextStream:
+    """A text stream that passes everything written to it through :func:`clean_text` (newlines and tabs kept)
+    before writing it to ``stream``. ``cli.py`` puts one in front of stdout and stderr, so nothing the
+    program prints -- file names, URLs, server texts, CSV cells -- can reach the terminal raw. ``raw`` is
+    the stream underneath, for the program's own escape sequences (the progress line)."""
+
+    def __init__(self, stream):
+        self.raw = stream
+
+    def write(self, text) -> int:
+        if not isinstance(text, str):  # text only: click then uses this object itself, never its buffer
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.raw.write(clean_text(text, keep_newlines=True))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        if name == "buffer":  # writing bytes underneath would bypass the cleaning
+            raise AttributeError(name)
+        return getattr(self.raw, name)
