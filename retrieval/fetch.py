@@ -11,6 +11,9 @@ Reasons are ``"<tag>: <message>"``; the tag (``FetchResult.tag``) is one of
     http-NNN            a non-2xx answer ("http-404: Not Found"; retried 5xx/408/429 end with
                         "(gave up after N attempts)")
     timeout             no connection within connect_timeout, or no data for read_timeout
+    blocked-address     a loopback/private/link-local/... address (retrieval.netguard), unless allowed
+    host-busy           the host asked (Retry-After) for a wait longer than what is left of ``deadline``
+    host-failing        not tried: the host's last ``host_failures`` downloads failed (``fetch_many``)
     deadline            the whole download (all attempts, redirects and waits between them) took more than
                         ``deadline`` seconds -- a slow-drip server cannot hold a worker: a watchdog shuts the
                         socket down at the deadline, even in the middle of a blocking read or of the headers
@@ -27,7 +30,7 @@ Reasons are ``"<tag>: <message>"``; the tag (``FetchResult.tag``) is one of
     cancelled           the Fetcher was closed while the download was running
 
 ``transient`` says whether a later run may succeed: timeout, deadline, incomplete, connection, http-5xx,
-http-408 and http-429 are transient; the rest are permanent. Within one fetch, transient failures are
+http-408, http-429, host-busy and host-failing are transient; the rest are permanent. Within one fetch, transient failures are
 retried (``retries`` times, exponential backoff with jitter, or the server's Retry-After); DNS "no such host",
 deadline and cancelled are transient but not retried in the same run. A retry cut short by the deadline reports
 the failure that caused the retry ("connection: reset ... (gave up after 3 attempts: the 60 s deadline passed
@@ -38,7 +41,15 @@ information only); the image decoder rejects it.
 
 Politeness: at most ``per_host`` concurrent requests per host (a semaphore per host:port), and a 429/503
 with Retry-After makes *every* request to that host wait (a per-host "not before" time), not only the retry.
-Waiting for a host's turn before the first request does not count against the deadline.
+A fetch waits for its host's turn at most ``deadline`` seconds: a host that asks for a longer wait fails it
+at once as ``host-busy`` (transient).
+
+Fairness (``fetch_many``): a slow or throttling host delays only its own rows. Rows wait for their host's
+turn in a queue per host, holding no worker; a worker is given to a row only when its host has a free slot
+(at most ``per_host``, and never all the workers) and no Retry-After pending, round-robin over the hosts, so
+the other hosts' rows keep flowing. A host whose downloads failed transiently ``host_failures`` times in a
+row (timeouts, refused, 5xx, 429...) with no success in between gets its remaining rows failed at once,
+``host-failing`` (transient: a later run tries them again).
 
 Cookies are kept only within one download's redirect chain (some sites set a cookie and redirect); the
 session's own jar stores nothing, so it does not grow with millions of hosts.
@@ -54,6 +65,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -105,6 +117,7 @@ class FetchConfig:
     accept: str = DEFAULT_ACCEPT
     # connect to loopback/private/link-local/... addresses (retrieval.netguard)? None: $DINOV2_ALLOW_PRIVATE
     allow_private: bool | None = None
+    host_failures: int = 3              # transient failures in a row after which a host's other rows fail fast
 
     def __post_init__(self):
         def number(name, minimum, strict):
@@ -129,6 +142,7 @@ class FetchConfig:
         integer("max_redirects", 0, 100)
         integer("per_host", 1, 10_000)
         integer("chunk_size", 1, 2**26)
+        integer("host_failures", 0, 1_000_000)  # 0: never give up on a host
         if self.allow_private is not None and not isinstance(self.allow_private, bool):
             raise ConfigError(f"fetch config: allow_private must be True, False or None, got {self.allow_private!r}")
         for name in ("user_agent", "accept"):
@@ -398,6 +412,11 @@ class _Cancelled(Exception):
     pass
 
 
+class _HostBusy(Exception):
+    def __init__(self, wait: float):
+        self.wait = wait
+
+
 class _HostState:
     __slots__ = ("sem", "users", "not_before")
 
@@ -415,7 +434,14 @@ class _Hosts:
         self.lock = threading.Lock()
         self.states: dict[tuple, _HostState] = {}
 
-    def acquire(self, key: tuple, cancel: threading.Event) -> _HostState:
+    def not_before(self, key) -> float:
+        """The monotonic time before which no request may go to ``key`` (0 when none is pending)."""
+        with self.lock:
+            st = self.states.get(key)
+            return st.not_before if st is not None else 0.0
+
+    def acquire(self, key: tuple, cancel: threading.Event, limit: float | None = None) -> _HostState:
+        """Wait for a slot of ``key``'s host; _HostBusy when its Retry-After ends after ``limit``."""
         with self.lock:
             st = self.states.get(key)
             if st is None:
@@ -426,6 +452,8 @@ class _Hosts:
         try:
             while True:
                 delay = st.not_before - time.monotonic()
+                if delay > 0 and limit is not None and st.not_before > limit:
+                    raise _HostBusy(delay)
                 if delay > 0:
                     if cancel.wait(delay):
                         raise _Cancelled()
@@ -561,6 +589,8 @@ class Fetcher:
         self._closed = threading.Event()
         self._active: set[_Entry] = set()
         self._active_lock = threading.Lock()
+        self._failing: dict[tuple, tuple[int, str]] = {}  # host key -> (transient failures in a row, last reason)
+        self._failing_lock = threading.Lock()
 
     # -- public
 
@@ -570,6 +600,12 @@ class Fetcher:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, got {type(url).__name__}")
         t0 = time.monotonic()
+        result = self._fetch(url, key, t0)
+        if result.attempts:
+            self._record_host(_host_key(clean_url(url)), result)
+        return result
+
+    def _fetch(self, url: str, key: Any, t0: float) -> FetchResult:
         target = clean_url(url)
         bad = check_url(target)
         if bad is not None:
@@ -592,9 +628,13 @@ class Fetcher:
                     break
                 attempts += 1
                 try:
-                    out = self._attempt(target, entry, jar)
+                    out = self._attempt(target, entry, jar, t0)
                 except _Cancelled:
                     out = _fail("cancelled: the fetcher was closed", True, False)
+                    break
+                except _HostBusy as busy:
+                    out = _fail(f"host-busy: the host asked (Retry-After) for {busy.wait:.0f} s more, longer than "
+                                f"the {cfg.deadline:g} s deadline allows", True, False)
                     break
                 if retried is not None and not out.ok and (out.reason or "").startswith("deadline:"):
                     # a retry cut short by the deadline: the failure that caused it is the explanation
@@ -627,6 +667,33 @@ class Fetcher:
             reason=None if out.ok else clean_text(redact_text((out.reason or "connection: unknown failure") + note)),
             transient=False if out.ok else out.transient, attempts=attempts,
             elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key)
+
+    def host_failing(self, key) -> str | None:
+        """The ``host-failing: ...`` reason when ``key``'s host (see ``_host_key``) failed ``host_failures``
+        downloads in a row in this Fetcher's lifetime, else None."""
+        n = self.config.host_failures
+        if not n or key is None:
+            return None
+        with self._failing_lock:
+            count, last = self._failing.get(key, (0, ""))
+        if count < n:
+            return None
+        host = f"{key[1]}:{key[2]}"
+        return clean_text(f"host-failing: not tried, the last {count} downloads from {host} failed "
+                          f"(the last one: {last[:200]})")
+
+    def _record_host(self, key, result: "FetchResult") -> None:
+        """Count transient failures in a row per host; an answer of the host (ok or a permanent failure) resets."""
+        if not self.config.host_failures or key is None or (result.tag or "") in ("cancelled", "host-failing"):
+            return
+        with self._failing_lock:
+            if result.ok or not result.transient:
+                self._failing.pop(key, None)
+                return
+            count, _ = self._failing.pop(key, (0, ""))
+            self._failing[key] = (count + 1, result.reason or "")
+            while len(self._failing) > 65536:  # the oldest entries go first
+                del self._failing[next(iter(self._failing))]
 
     def close(self) -> None:
         """Abort running downloads (they end as "cancelled") and release the connections."""
@@ -663,7 +730,7 @@ class Fetcher:
         d = min(cfg.backoff_max, cfg.backoff * (2 ** (attempt - 1)))
         return d / 2 + random.uniform(0, d / 2)
 
-    def _attempt(self, url: str, entry: _Entry, jar: RequestsCookieJar) -> _Outcome:
+    def _attempt(self, url: str, entry: _Entry, jar: RequestsCookieJar, t0: float) -> _Outcome:
         """One attempt: the request and its redirect chain, each hop checked."""
         cfg = self.config
         current = url
@@ -674,7 +741,8 @@ class Fetcher:
                 if blocked is not None:
                     return _fail(blocked, False)
             key = _host_key(current)
-            st = self._hosts.acquire(key, self._closed)
+            limit = (entry.deadline_at if entry.deadline_at is not None else t0 + cfg.deadline)
+            st = self._hosts.acquire(key, self._closed, limit)
             try:
                 if entry.deadline_at is None:  # the clock starts once the host lets us in
                     entry.deadline_at = time.monotonic() + cfg.deadline
@@ -844,44 +912,109 @@ def _split_item(item) -> tuple[Any, str]:
     raise TypeError(f"fetch_many: expected (key, url) pairs or URL strings, got {item!r:.80}")
 
 
+def _dispatch_key(url: str):
+    """The host key that schedules ``url`` in fetch_many; None for a URL that fails without a request."""
+    target = clean_url(url)
+    return _host_key(target) if check_url(target) is None else None
+
+
 def fetch_many(items: Iterable, workers: int = 8, config: FetchConfig | None = None, *,
                fetcher: Fetcher | None = None, max_in_flight: int | None = None) -> Iterator[FetchResult]:
     """Download ``items`` -- (key, url) pairs (or bare URL strings, whose key is the URL) -- with ``workers``
     threads, yielding each FetchResult (``.key`` set) as it completes, in any order.
 
-    The input is consumed lazily: at most ``max_in_flight`` (default 2 x workers) downloads are queued or
-    running at a time, so memory stays flat for millions of URLs. Without ``fetcher`` one is made (and
-    closed at the end); with one, ``config`` is ignored. Closing the generator early cancels queued
-    downloads and aborts running ones (only when the fetcher is our own).
+    The input is consumed lazily: at most ``max_in_flight`` (default max(2 x workers, 1024)) items are taken
+    from it and not yet yielded -- running, or waiting in their host's queue (a waiting item holds no data) --
+    so memory stays flat for millions of URLs, and rows of other hosts can start while one host is slow or
+    throttled (see "Fairness" in the module docstring). At most ``workers`` downloads run at a time. Without
+    ``fetcher`` one is made (and closed at the end); with one, ``config`` is ignored. Closing the generator
+    early cancels waiting downloads and aborts running ones (only when the fetcher is our own).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"fetch: workers must be a positive integer, got {workers!r}")
-    limit = max_in_flight if max_in_flight is not None else 2 * workers
+    limit = max_in_flight if max_in_flight is not None else max(2 * workers, 1024)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"fetch: max_in_flight must be a positive integer, got {max_in_flight!r}")
     own = fetcher is None
     f = Fetcher(config, workers=workers) if own else fetcher
+    # a host never has all the workers (unless there is only one): the others stay free for other hosts
+    cap = max(1, min(f.config.per_host, workers - 1))
     it = iter(items)
-    pending: set = set()
+    waiting: dict[Any, deque] = {}  # host key -> items waiting for their host's turn (insertion order: round-robin)
+    n_waiting = 0
+    running: dict[Any, int] = {}
+    futures: dict = {}  # future -> host key
     exhausted = False
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+
+    def fail_fast(key, url, reason) -> FetchResult:
+        return FetchResult(url=url, ok=False, reason=reason, transient=True, attempts=0, key=key)
+
     try:
         while True:
-            while not exhausted and len(pending) < limit:
+            while not exhausted and n_waiting + len(futures) < limit:
                 try:
                     item = next(it)
                 except StopIteration:
                     exhausted = True
                     break
                 key, url = _split_item(item)
-                pending.add(pool.submit(f.fetch, url, key))
-            if not pending:
-                return
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                hk = _dispatch_key(url)
+                failing = f.host_failing(hk)
+                if failing is not None:
+                    yield fail_fast(key, url, failing)
+                    continue
+                waiting.setdefault(hk, deque()).append((key, url))
+                n_waiting += 1
+            now = time.monotonic()
+            wake = None  # the earliest Retry-After end among hosts that have waiting items
+            for hk in list(waiting):
+                if len(futures) >= workers:
+                    break
+                if hk is not None:
+                    if running.get(hk, 0) >= cap:
+                        continue
+                    nb = f._hosts.not_before(hk)
+                    if nb > now:
+                        wake = nb if wake is None else min(wake, nb)
+                        continue
+                q = waiting.pop(hk)
+                while q and len(futures) < workers and (hk is None or running.get(hk, 0) < cap):
+                    key, url = q.popleft()
+                    n_waiting -= 1
+                    futures[pool.submit(f.fetch, url, key)] = hk
+                    running[hk] = running.get(hk, 0) + 1
+                if q:
+                    waiting[hk] = q  # to the back of the round
+            if not futures:
+                if not waiting and exhausted:
+                    return
+                if not waiting:
+                    continue
+                # every waiting host is throttled (Retry-After) and nothing runs: sleep until the first one ends
+                if f._closed.wait(max(0.0, (wake or now + 0.05) - now)):
+                    for q in waiting.values():
+                        for key, url in q:
+                            yield FetchResult(url=url, ok=False, reason="cancelled: the fetcher was closed",
+                                              transient=True, key=key)
+                    return
+                continue
+            timeout = None if wake is None else max(0.0, wake - now)
+            done, _ = wait(list(futures), timeout=timeout, return_when=FIRST_COMPLETED)
             for fut in done:
+                hk = futures.pop(fut)
+                running[hk] -= 1
+                if not running[hk]:
+                    del running[hk]
                 yield fut.result()
+                failing = f.host_failing(hk)
+                if failing is not None and hk in waiting:  # fail the host's queued rows now, not one by one
+                    q = waiting.pop(hk)
+                    n_waiting -= len(q)
+                    for key, url in q:
+                        yield fail_fast(key, url, failing)
     finally:
-        for fut in pending:
+        for fut in futures:
             fut.cancel()
         if own:
             f.close()  # aborts what is still running, so the shutdown below is quick

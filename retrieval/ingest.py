@@ -37,7 +37,8 @@ from .preprocess import preprocess
 from .safety import clean_text, redact_url
 
 # Failures a later run may retry (up to max_attempts): the server or network may recover.
-TRANSIENT_TAGS = ("timeout", "deadline", "incomplete", "connection", "cancelled", "http-408", "http-429", "tls")
+TRANSIENT_TAGS = ("timeout", "deadline", "incomplete", "connection", "cancelled", "http-408", "http-429", "tls",
+                  "host-busy", "host-failing")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib", ".tif", ".tiff",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".jp2", ".qoi"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
