@@ -302,6 +302,7 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
     allow_private: bool = AllowPrivateOpt,
+    memory_mb: float = typer.Option(1024, "--memory-mb", help="Memory for downloads in flight plus decoded images waiting for the encoder, together, in MB."),
     url_column: Optional[str] = typer.Option(None, "--url-column", help="The CSV column holding the URLs (a header name or 1-based number). Default: the column whose cells look like URLs or image file names."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
@@ -335,7 +336,7 @@ def ingest(
         raise ConfigError(f"--max-mb {max_mb:g}: expected a number of megabytes above 0, at most {2**20}")
     fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes, allow_private=True if allow_private else None)
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
-                              images_dir=images_dir, fetch=fetch)
+                              images_dir=images_dir, fetch=fetch, memory_mb=memory_mb)
     db_path, conn = _open_db(db)
     recorded = get_model(conn) or {}
     settings = EncoderSettings(

@@ -86,8 +86,8 @@ from retrieval.csvread import check_url, clean_url
 from retrieval.errors import ConfigError
 from retrieval.safety import clean_text, redact_text
 
-__all__ = ["FetchConfig", "FetchResult", "Fetcher", "fetch_many", "make_session", "parse_retry_after",
-           "DEFAULT_USER_AGENT"]
+__all__ = ["FetchConfig", "FetchResult", "Fetcher", "MemoryBudget", "fetch_many", "make_session",
+           "parse_retry_after", "DEFAULT_USER_AGENT"]
 
 DEFAULT_USER_AGENT = f"dinov2-retrieval/{__version__} (image search indexer; python-requests/{requests.__version__})"
 # no AVIF/HEIC: ask for what the decoder (Pillow) reads everywhere
@@ -166,6 +166,14 @@ class FetchResult:
     content_type: str | None = None
     final_url: str | None = None    # after redirects
     key: Any = None                 # the caller's tag, from fetch(url, key) / fetch_many((key, url), ...)
+    reserved: int = 0               # bytes of the Fetcher's MemoryBudget held by ``data``: see release()
+    budget: Any = None
+
+    def release(self) -> None:
+        """Give ``data``'s bytes back to the memory budget (call once done with the data; idempotent)."""
+        if self.reserved and self.budget is not None:
+            self.budget.release(self.reserved)
+        self.reserved = 0
 
     @property
     def tag(self) -> str | None:
@@ -286,7 +294,11 @@ class _Watchdog:
                         self._cv.wait(delay)
                     else:
                         self._cv.wait()
-            if entry.active and not entry.kill():
+            if not entry.active:
+                continue
+            if entry.deadline_at is not None and entry.deadline_at > time.monotonic() + 0.001:
+                self.schedule(entry, entry.deadline_at)  # the deadline moved (time spent waiting for memory)
+            elif not entry.kill():
                 self.schedule(entry, time.monotonic() + 0.1)  # still connecting: try again shortly
 
     def stop(self) -> None:
@@ -405,6 +417,61 @@ def make_session(config: FetchConfig | None = None, workers: int = 8) -> request
     return s
 
 
+# ---------------------------------------------------------------- memory budget
+
+
+class MemoryBudget:
+    """Bytes that downloads in flight and images waiting for the encoder may hold together.
+
+    A download reserves its size before reading the body -- the Content-Length when announced (and not
+    compressed), else ``max_bytes`` -- and waits while that would go past ``limit``; once read, the
+    reservation shrinks to the body's size, and it is released when the caller is done with the data
+    (``FetchResult.release``). The ingest reserves each preprocessed image the same way until it is encoded
+    (``kind="pixels"``). A reservation is always granted when nothing of its kind is held (so one item larger
+    than the budget still passes, alone, and images waiting for the encoder can never be starved by
+    downloads, which would be a deadlock): ``peak`` <= ``limit`` + one such item.
+    """
+
+    def __init__(self, limit: int):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"memory budget must be a positive number of bytes, got {limit!r}")
+        self.limit = limit
+        self.in_use = 0
+        self.pixels = 0
+        self.peak = 0
+        self.waits = 0  # reservations that had to wait
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, *, kind: str = "download", cancel: threading.Event | None = None,
+                until: float | None = None) -> bool:
+        """Reserve ``n`` bytes, waiting for them; False when ``cancel`` is set or ``until`` (monotonic) passes."""
+        waited = False
+        with self._cv:
+            while True:
+                held = self.in_use if kind == "download" else self.pixels
+                if self.in_use + n <= self.limit or held == 0:
+                    self.in_use += n
+                    if kind == "pixels":
+                        self.pixels += n
+                    self.peak = max(self.peak, self.in_use)
+                    self.waits += waited
+                    return True
+                waited = True
+                if cancel is not None and cancel.is_set():
+                    return False
+                left = 0.25 if until is None else until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(0.25, left))
+
+    def release(self, n: int, *, kind: str = "download") -> None:
+        with self._cv:
+            self.in_use -= n
+            if kind == "pixels":
+                self.pixels -= n
+            self._cv.notify_all()
+
+
 # ---------------------------------------------------------------- per-host slots
 
 
@@ -516,6 +583,7 @@ class _Outcome:
     content_type: str | None = None
     redirect: str | None = None
     final_url: str | None = None
+    reserved: int = 0
 
 
 def _fail(reason: str, transient: bool, retry: bool | None = None, status=None, ctype=None, **kw) -> _Outcome:
@@ -572,7 +640,7 @@ class Fetcher:
     """Downloads with one shared ``requests.Session``; thread-safe; ``fetch`` never raises for a bad URL or
     server. Close it (or use ``with``) when done: closing also aborts downloads still running."""
 
-    def __init__(self, config: FetchConfig | None = None, workers: int = 8):
+    def __init__(self, config: FetchConfig | None = None, workers: int = 8, budget: MemoryBudget | None = None):
         if config is None:
             config = FetchConfig()
         if not isinstance(config, FetchConfig):
@@ -581,6 +649,7 @@ class Fetcher:
             raise ConfigError(f"fetch: workers must be an integer from 1 to 1024, got {workers!r}")
         self.config = config
         self.workers = workers
+        self.budget = budget  # downloads reserve their bytes here (see MemoryBudget)
         self.session = make_session(config, workers)
         self.allow_private = (netguard.allow_private_default() if config.allow_private is None
                               else config.allow_private)
@@ -666,7 +735,8 @@ class Fetcher:
             url=url, ok=out.ok, data=out.data if out.ok else None, http_status=out.status,
             reason=None if out.ok else clean_text(redact_text((out.reason or "connection: unknown failure") + note)),
             transient=False if out.ok else out.transient, attempts=attempts,
-            elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key)
+            elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key,
+            reserved=out.reserved if out.ok else 0, budget=self.budget)
 
     def host_failing(self, key) -> str | None:
         """The ``host-failing: ...`` reason when ``key``'s host (see ``_host_key``) failed ``host_failures``
@@ -778,6 +848,7 @@ class Fetcher:
         timeout = (min(cfg.connect_timeout, remaining), min(cfg.read_timeout, remaining))
         r = None
         got = 0
+        reserved = 0
         try:
             r = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout, cookies=jar)
             if entry.fired:  # the watchdog cut the headers short: whatever was parsed is not the answer
@@ -806,6 +877,19 @@ class Fetcher:
                 return _fail(f"too-large: Content-Length {length} bytes > max_bytes {cfg.max_bytes}", False,
                              status=status, ctype=ctype)
             encoded = bool(r.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity"))
+            if self.budget is not None:
+                want = min(length, cfg.max_bytes) if length is not None and not encoded else cfg.max_bytes
+                t_wait = time.monotonic()
+                if not self.budget.acquire(want, cancel=self._closed, until=t_wait + cfg.deadline):
+                    if self._closed.is_set():
+                        return _fail("cancelled: the fetcher was closed", True, False, status=status, ctype=ctype)
+                    return _fail(f"deadline: waited more than {cfg.deadline:g} s for the memory budget", True, False,
+                                 status=status, ctype=ctype)
+                reserved = want
+                waited = time.monotonic() - t_wait
+                if waited > 0.001:  # time spent waiting for memory is not the server's: the deadline moves
+                    entry.deadline_at += waited
+                    self._watchdog.schedule(entry, entry.deadline_at)
             chunks = []
             for chunk in r.iter_content(cfg.chunk_size):
                 got += len(chunk)
@@ -823,11 +907,20 @@ class Fetcher:
             raw = r.raw.tell()
             if length is not None and raw < length:
                 return _fail(f"incomplete: got {raw} of {length} bytes", True, status=status, ctype=ctype)
-            return _Outcome(ok=True, data=b"".join(chunks), status=status, content_type=ctype)
+            data = b"".join(chunks)
+            del chunks
+            if reserved > len(data):  # keep only what the body holds
+                self.budget.release(reserved - len(data))
+                reserved = len(data)
+            out = _Outcome(ok=True, data=data, status=status, content_type=ctype, reserved=reserved)
+            reserved = 0
+            return out
         except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                 OSError, UnicodeError) as exc:
             return self._failure(exc, entry, got, r, url, timeout)
         finally:
+            if reserved:  # a failure: nothing is kept
+                self.budget.release(reserved)
             if r is not None:
                 r.close()
 
@@ -1019,3 +1112,6 @@ def fetch_many(items: Iterable, workers: int = 8, config: FetchConfig | None = N
         if own:
             f.close()  # aborts what is still running, so the shutdown below is quick
         pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:  # results nobody will see: their bytes go back to the budget
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().release()

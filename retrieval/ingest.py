@@ -32,7 +32,7 @@ from .csvread import read_rows
 from .decode import decode
 from .encoder import Encoder, encode_pixels, l2_normalise
 from .errors import ConfigError, ImageError, InputError
-from .fetch import FetchConfig, Fetcher, fetch_many
+from .fetch import FetchConfig, Fetcher, MemoryBudget, fetch_many
 from .preprocess import preprocess
 from .safety import clean_text, redact_url
 
@@ -61,12 +61,16 @@ class IngestOptions:
     images_dir: Path | None = None  # where downloaded originals go (default: <db stem>_images beside the db)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     queue_size: int = 64  # decoded images waiting for the encoder
+    # downloads in flight plus preprocessed images waiting for the encoder, together (MiB; see fetch.MemoryBudget)
+    memory_mb: float = 1024
 
     def __post_init__(self):
         if not 1 <= self.workers <= 256:
             raise ConfigError(f"--workers {self.workers}: expected a whole number from 1 to 256")
         if not 1 <= self.max_attempts <= 1000:
             raise ConfigError(f"--max-attempts {self.max_attempts}: expected a whole number from 1 to 1000")
+        if not (isinstance(self.memory_mb, (int, float)) and 1 / 1024 <= self.memory_mb <= 2**20):
+            raise ConfigError(f"--memory-mb {self.memory_mb}: expected a number of megabytes from 1/1024 to {2**20}")
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Summary:
     reasons: dict = field(default_factory=dict)  # failure tag -> count, this run
     url_column: str | None = None  # a CSV's URL column ("photo_url")
     url_column_how: str | None = None  # how it was chosen: "by content", "by name", "first column", "given"
+    memory_peak: int = 0  # the most bytes the memory budget held at once (downloads + images waiting)
 
     @property
     def done(self) -> int:
@@ -98,6 +103,7 @@ class Summary:
             "skipped": self.skipped, "failed": self.failed, "duplicate": self.duplicate,
             "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3),
             "failure_reasons": dict(sorted(self.reasons.items())),
+            "memory_peak_mb": round(self.memory_peak / 2**20, 1),
             **({"url_column": self.url_column, "url_column_how": self.url_column_how}
                if self.url_column is not None else {}),
         }
@@ -118,6 +124,7 @@ class Item:
     skipped: int = 0  # a marker item that only counts skipped rows
     local: bool = False  # url is a local file's absolute path: read it, don't fetch it
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
+    reserved: int = 0  # bytes of the run's memory budget its pixels hold, until encoded
     fetch_url: str | None = None  # the URL to download when it differs from ``url`` (which has no user info)
 
     def row(self) -> dict:
@@ -200,6 +207,9 @@ def dir_items(folder) -> Iterator[Item]:
 # ---------------------------------------------------------------- producer
 
 
+FLUSH = "flush"  # producer -> main thread: encode the images waiting now (the producer waits for memory)
+
+
 class _Fatal(Exception):
     """Carries an error that must end the run (not a bad row): e.g. the images folder is not writable."""
 
@@ -256,7 +266,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
 
 
 def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestOptions, out: queue.Queue,
-             stop: threading.Event, images_dir: Path, fetcher: Fetcher):
+             stop: threading.Event, images_dir: Path, fetcher: Fetcher, budget: MemoryBudget | None = None):
     """Producer thread body: everything up to encoding. Puts Items, then None (done) or an exception.
 
     ``fetcher`` belongs to the main thread, which closes it when the run stops: downloads in flight are
@@ -281,6 +291,19 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
         return store.find_by_content(conn, sha)
 
     def put(item):
+        if budget is not None and item is not None and not isinstance(item, BaseException) \
+                and item.pixels is not None and not item.reserved:
+            # wait for room in the memory budget (the encoder frees it); never blocks when no image waits
+            n = item.pixels.nbytes
+            if budget.acquire(n, kind="pixels", until=time.monotonic()):
+                item.reserved = n
+            else:
+                try:
+                    out.put_nowait(FLUSH)  # the encoder should encode what waits now, not when its queue runs dry
+                except queue.Full:  # it has plenty to do anyway
+                    pass
+                if budget.acquire(n, kind="pixels", cancel=stop):
+                    item.reserved = n
         while not stop.is_set():
             try:
                 out.put(item, timeout=0.2)
@@ -331,7 +354,13 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                     item.error = res.reason
                     put(item)
                 else:
-                    put(_prepare(item, res.data, route, images_dir, db_dir, holder_of))
+                    data, res.data = res.data, None
+                    try:
+                        prepared = _prepare(item, data, route, images_dir, db_dir, holder_of)
+                    finally:
+                        del data
+                        res.release()  # the download's bytes are gone: back to the budget
+                    put(prepared)
         finally:
             results.close()
         put(None)
@@ -364,9 +393,10 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     started = time.monotonic()
     out: queue.Queue = queue.Queue(maxsize=options.queue_size)
     stop = threading.Event()
-    fetcher = Fetcher(options.fetch, workers=options.workers)
+    budget = MemoryBudget(max(1, int(options.memory_mb * 2**20)))
+    fetcher = Fetcher(options.fetch, workers=options.workers, budget=budget)
     producer = threading.Thread(target=_produce, name="ingest-producer", daemon=True,
-                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher))
+                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher, budget))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
     others: list[Item] = []  # failures and duplicates: no encoding, committed with the next batch
     # content of the items in buckets -> later items with the same bytes (other URLs): not encoded, recorded
@@ -378,11 +408,19 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     bs = encoder.settings.batch_size
     last_commit = last_progress = time.monotonic()
 
+    def unreserve(x: Item):
+        if x.reserved:
+            budget.release(x.reserved, kind="pixels")
+            x.reserved = 0
+
     def commit(items: list[Item]):
         nonlocal last_commit
         outcomes = []
         if items:
             feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
+            for x in items:
+                x.pixels = None
+                unreserve(x)
             for x, v in zip(items, feats):
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
                 for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
@@ -426,6 +464,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 item = out.get(timeout=0.5)
             except queue.Empty:
                 item = False
+            if item is FLUSH:
+                item = False
             if item is None:
                 break
             if isinstance(item, BaseException):
@@ -439,9 +479,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                     others.append(item)
                 elif item.info["content_sha256"] in waiting:  # the same bytes wait in a bucket already
                     item.pixels = None
+                    unreserve(item)
                     waiting[item.info["content_sha256"]].append(item)
                 elif item.info["content_sha256"] in committed:  # ... or were just recorded: found by content
                     item.pixels = None
+                    unreserve(item)
                     others.append(item)
                 else:
                     waiting[item.info["content_sha256"]] = []
@@ -474,6 +516,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         producer.join(timeout=30)
         summary.seconds = time.monotonic() - started
         summary.status = status
+        summary.memory_peak = budget.peak
         counts = {"new": summary.new, "skipped": summary.skipped, "failed": summary.failed,
                   "duplicate": summary.duplicate, "images_per_s": summary.images_per_s}
         store.finish_run(conn, summary.run_id, counts, status)

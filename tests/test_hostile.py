@@ -1010,3 +1010,43 @@ def test_readme_bad_input_table(server_run, image_run, csv_run, http_server, env
     # every failure tag the runs produced is in the table
     tags = {v for v in seen.values() if v.startswith("failed: ")}
     assert tags <= set(table.values()), tags - set(table.values())
+
+
+# ---------------------------------------------------------------- issue 10: the memory budget of an ingest
+
+
+def test_ingest_with_256_workers_stays_within_its_memory_budget(http_server, weights, tmp_path, monkeypatch):
+    """--workers 256 and a 2 MB budget: downloads in flight plus images waiting for the encoder never hold more
+    than the budget (plus at most one preprocessed image, granted when no image waits, so the encoder is never
+    starved); every image still ends ok. Counted by the run's own budget, not timed."""
+    from retrieval import ingest as I
+    from retrieval.encoder import EncoderSettings, load_encoder
+    from retrieval.fetch import MemoryBudget
+    from test_ingest import noise_png
+
+    made = []
+
+    class Spy(MemoryBudget):
+        def __init__(self, limit):
+            super().__init__(limit)
+            made.append(self)
+
+    monkeypatch.setattr(I, "MemoryBudget", Spy)
+    bodies = [noise_png(1300 + i, 150) for i in range(60)]  # ~68 KB each, incompressible, all distinct
+    urls = [http_server.add(f"/m/{i}.png", body=b, headers={"Content-Type": "image/png"}) for i, b in enumerate(bodies)]
+    csv, db = write_csv(tmp_path / "data.csv", urls), tmp_path / "g.db"
+    conn = store.connect(db)
+    try:
+        s = I.ingest_csv(conn, db, csv, load_encoder(weights, EncoderSettings(batch_size=8)),
+                         I.IngestOptions(workers=256, memory_mb=2, fetch=I.FetchConfig(per_host=256)))
+    finally:
+        conn.close()
+    assert (s.new, s.failed, s.status) == (60, 0, "completed"), s
+    (budget,) = made
+    one_image = 3 * 224 * 224 * 4  # a preprocessed 224 x 224 image, float32
+    assert budget.limit == 2 * 2**20
+    assert budget.peak <= budget.limit + one_image, budget.peak
+    assert budget.waits > 0  # 256 downloads of 68 KB (17 MB) did not fit at once: some waited
+    assert budget.in_use == 0 and budget.pixels == 0  # everything given back
+    assert s.memory_peak == budget.peak and s.as_dict()["memory_peak_mb"] <= 2.6
+    assert_consistent(db)
