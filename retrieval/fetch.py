@@ -397,6 +397,16 @@ class _Adapter(HTTPAdapter):
         return manager
 
 
+class _Session(requests.Session):
+    def get_redirect_target(self, resp):
+        """A Location that is not UTF-8 is taken as the (latin-1) text it is, then judged like any other target
+        (requests raises UnicodeDecodeError, even with allow_redirects=False)."""
+        try:
+            return super().get_redirect_target(resp)
+        except UnicodeError:
+            return resp.headers.get("location")
+
+
 class _NoCookies(DefaultCookiePolicy):
     def set_ok(self, cookie, request):
         return False
@@ -406,7 +416,7 @@ def make_session(config: FetchConfig | None = None, workers: int = 8) -> request
     """The one Session a Fetcher uses: pools sized to the workers, no urllib3 retries (we retry), no cookie
     storage, the configured User-Agent and Accept headers."""
     config = config or FetchConfig()
-    s = requests.Session()
+    s = _Session()
     adapter = _Adapter(pool_connections=max(10, workers), pool_maxsize=max(1, min(workers, config.per_host)),
                        max_retries=0, pool_block=False)
     s.mount("http://", adapter)

@@ -995,8 +995,10 @@ def readme_table() -> dict:
     return table
 
 
-def test_readme_bad_input_table(server_run, image_run, csv_run, http_server, env, tmp_path, noise_image):
-    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run)}
+def test_readme_bad_input_table(server_run, image_run, csv_run, untrusted_run, blocked_run, fairness_run,
+                                csv_kinds_run, http_server, env, tmp_path, noise_image):
+    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run), **untrusted_observed(untrusted_run),
+            **observed(blocked_run), **observed(fairness_run), **csv_kinds_run["seen"]}
     # the images-folder rows: observed here (a fresh run) unless the parametrized test already ran
     for kind in ("not-a-directory", "full", "database-full"):
         if UNWRITABLE[kind][0] not in OBSERVED_ERRORS:
@@ -1050,3 +1052,218 @@ def test_ingest_with_256_workers_stays_within_its_memory_budget(http_server, wei
     assert budget.in_use == 0 and budget.pixels == 0  # everything given back
     assert s.memory_peak == budget.peak and s.as_dict()["memory_peak_mb"] <= 2.6
     assert_consistent(db)
+
+
+# ---------------------------------------------------------------- issue 10: untrusted CSVs and servers (one run each)
+
+ESC_TEXT = "\x1b]0;pwned\x07\x1b[31m\x9b2J"  # retitle the terminal, red, a C1 CSI
+
+
+def _raw_unsafe(text: str) -> bool:
+    """Whether ``text`` holds a control or bidi character a terminal would act on (newline and tab aside)."""
+    from retrieval.safety import has_unsafe
+
+    return has_unsafe(text.replace("\r\n", "\n"))
+
+
+def _cli(env, *args, timeout=90):
+    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def untrusted_run(servers, env, tmp_path_factory):
+    """One ingest (text output, not --json) of a CSV whose name, cells, local file names and servers carry
+    terminal escapes and credentials, then stats and query (text and JSON) on the gallery: every output kept."""
+    import base64
+
+    srv, other = servers("untrusted"), servers("untrusted-other")
+    typ = {"Content-Type": "image/jpeg"}
+    root = tmp_path_factory.mktemp("untrusted")
+    cases: dict[str, list[str]] = {}
+
+    def status_line(req):  # an unknown status whose reason phrase is a terminal escape
+        req.send_response(599, "Bad " + ESC_TEXT)
+        req.send_header("Content-Length", "0")
+        req.end_headers()
+
+    cases["escape-in-status-line"] = [srv.add("/status.jpg", handler=status_line)]
+    cases["escape-in-redirect"] = [srv.add("/redirect.jpg", status=302, headers={"Location": "/x" + ESC_TEXT})]
+    secret = base64.b64encode(b"user:s3cret").decode()
+
+    def private(req):
+        ok = req.headers.get("Authorization") == f"Basic {secret}"
+        body = jpeg(1400) if ok else b"who are you?"
+        req.send_response(200 if ok else 401)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    srv.add("/private.jpg", handler=private)
+    other.add("/moved.jpg", body=jpeg(1401), headers=typ)
+    srv.add("/to-other.jpg", status=302, headers={"Location": other.url("/moved.jpg")})
+    base = srv.url("").replace("http://", "http://user:s3cret@")
+    cases["credentials-in-url"] = [f"{base}/private.jpg", f"{base}/to-other.jpg"]
+    (root / ("cat" + ESC_TEXT + ".jpg")).write_bytes(jpeg(1402))
+    lines = [f"{u},plain" for u in cases["escape-in-status-line"] + cases["escape-in-redirect"]]
+    lines += [f"{u},creds" for u in cases["credentials-in-url"]]
+    lines += [f"{base}/missing.jpg,creds 404"]
+    lines += [f'"cat{ESC_TEXT}.jpg",a local file', f'{srv.url("/cell" + ESC_TEXT + ".jpg")},bad url cell',
+              f'{srv.add("/titled.jpg", body=jpeg(1403), headers=typ)},"title {ESC_TEXT} \u202eevil\u202c"']
+    csv = root / ("list" + ESC_TEXT + ".csv")
+    csv.write_text("url,title\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    db = root / "g.db"
+    p = _cli(env, "ingest", "--csv", csv, "--db", db)
+    assert p.returncode == 0, p.stderr
+    outputs = {"ingest": p.stdout + p.stderr}
+    outputs["stats"] = _cli(env, "stats", "--db", db).stdout
+    q = _cli(env, "query", root / ("cat" + ESC_TEXT + ".jpg"), "--db", db, "-k", "10")
+    outputs["query"] = q.stdout + q.stderr
+    qj = _cli(env, "query", root / ("cat" + ESC_TEXT + ".jpg"), "--db", db, "-k", "10", "--json")
+    outputs["query-json"] = qj.stdout + qj.stderr
+    missing = _cli(env, "ingest", "--csv", root / ("nothing" + ESC_TEXT + ".csv"), "--db", db)
+    outputs["error"] = missing.stdout + missing.stderr
+    qurl = _cli(env, "query", "--url", f"{base}/missing.jpg", "--db", db)
+    outputs["query-url-error"] = qurl.stdout + qurl.stderr
+    return {"cases": cases, "rows": rows_by_url(db), "db": db, "outputs": outputs, "csv": csv, "root": root,
+            "query_json": json.loads(qj.stdout), "servers": (srv, other), "secret": secret}
+
+
+def untrusted_observed(run) -> dict:
+    rows, outputs = run["rows"], run["outputs"]
+    seen = {}
+    clean_outputs = not any(_raw_unsafe(o) for o in outputs.values())
+    stored_clean = all(not _raw_unsafe(r["error"] or "") for r in rows.values())
+    for name in ("escape-in-status-line", "escape-in-redirect"):
+        (url,) = run["cases"][name]
+        error = rows[url]["error"] or ""
+        seen[name] = "escaped" if clean_outputs and stored_clean and "\\u001b" in error else outcome(rows[url])
+    by_title = {json.loads(r["meta"])["title"]: r for r in rows.values() if r["meta"]}
+    cell = by_title["bad url cell"]
+    seen["escape-in-csv-cell"] = ("escaped" if clean_outputs and stored_clean and cell["error"].startswith("invalid-url")
+                                  and "\\u001b" in outputs["query-json"] else "raw")
+    local = by_title["a local file"]
+    seen["escape-in-file-name"] = ("escaped" if clean_outputs and local["status"] == "ok"
+                                   and "cat\\u001b]0;pwned\\u0007" in outputs["query"] else "raw")
+    creds = {outcome(rows.get(u.replace("user:s3cret@", ""))) for u in run["cases"]["credentials-in-url"]}
+    seen["credentials-in-url"] = creds.pop() if len(creds) == 1 else str(creds)
+    return seen
+
+
+def test_untrusted_text_and_credentials_never_reach_the_terminal_or_the_database(untrusted_run):
+    run, rows, outputs = untrusted_run, untrusted_run["rows"], untrusted_run["outputs"]
+    assert untrusted_observed(run) == {"escape-in-status-line": "escaped", "escape-in-redirect": "escaped",
+                                       "escape-in-csv-cell": "escaped", "escape-in-file-name": "escaped",
+                                       "credentials-in-url": "ok"}
+    for name, text in outputs.items():
+        assert not _raw_unsafe(text), (name, text)
+        assert "s3cret" not in text, (name, text)
+    assert "\\u001b" in outputs["error"] and outputs["error"].startswith("Error: ")  # a CSV's own name
+    assert "http-404" in outputs["query-url-error"]
+    status = rows[run["cases"]["escape-in-status-line"][0]]
+    assert status["error"].startswith("http-599: Bad \\u001b]0;pwned\\u0007") and status["http_status"] == 599
+    # nothing stored holds the password; the rows are keyed without it
+    conn = store.connect(run["db"])
+    try:
+        dump = "\n".join(str(tuple(r)) for r in conn.execute("SELECT * FROM images"))
+    finally:
+        conn.close()
+    assert "s3cret" not in dump
+    srv, other = run["servers"]
+    sent = [h.get("Authorization") for _, p, h in srv.requests if p == "/private.jpg"]
+    assert sent == [f"Basic {run['secret']}"]  # the credentials went to their own host
+    assert all("Authorization" not in h for _, _, h in other.requests)  # never to a redirect's other host
+    # JSON output stays valid and exact: the title comes back with its escape and bidi characters
+    titles = {r["meta"].get("title") for r in run["query_json"] if r["meta"]}
+    assert f"title {ESC_TEXT} \u202eevil\u202c" in titles
+    assert_consistent(run["db"])
+
+
+@pytest.fixture(scope="module")
+def blocked_run(servers, env, tmp_path_factory):
+    """An ingest without DINOV2_ALLOW_PRIVATE of URLs that spell the test server's loopback address every way."""
+    srv = servers("blocked")
+    port = srv.port
+    srv.add("/a.jpg", body=jpeg(1410), headers={"Content-Type": "image/jpeg"})
+    srv.add("/hop.jpg", status=302, headers={"Location": f"http://127.1:{port}/a.jpg"})
+    urls = [f"http://{h}:{port}/a.jpg" for h in ("127.0.0.1", "127.1", "2130706433", "0x7f.1", "017700000001",
+                                                  "localhost", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0")]
+    urls += ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg", "http://[fe80::1]/x.jpg",
+             "http://224.0.0.1/x.jpg", srv.url("/hop.jpg")]
+    root = tmp_path_factory.mktemp("blocked")
+    csv, db = write_csv(root / "data.csv", urls), root / "g.db"
+    strict = {k: v for k, v in env.items() if k != "DINOV2_ALLOW_PRIVATE"}
+    summary, _ = ingest_ok(strict, csv, db)
+    return {"cases": {"blocked-address": urls}, "rows": rows_by_url(db), "summary": summary, "server": srv}
+
+
+def test_private_addresses_are_refused_in_every_spelling(blocked_run):
+    assert observed(blocked_run) == {"blocked-address": "failed: blocked-address"}
+    assert blocked_run["server"].count() == 0  # nothing was sent, not even the redirect's first hop
+    assert blocked_run["summary"]["failure_reasons"] == {"blocked-address": len(blocked_run["cases"]["blocked-address"])}
+    assert all("--allow-private" in r["error"] for r in blocked_run["rows"].values())
+
+
+@pytest.fixture(scope="module")
+def fairness_run(servers, env, tmp_path_factory):
+    """12 rows on a host answering 429 with Retry-After 60 s, then 4 rows on another host (--timeout 3)."""
+    busy, good = servers("throttling"), servers("throttling-neighbour")
+    throttled = [busy.add(f"/t/{i}.jpg", status=429, body=b"slow down", headers={"Retry-After": "60"})
+                 for i in range(12)]
+    fine = [good.add(f"/g/{i}.jpg", body=jpeg(1420 + i), headers={"Content-Type": "image/jpeg"}) for i in range(4)]
+    root = tmp_path_factory.mktemp("fairness")
+    csv, db = write_csv(root / "data.csv", throttled + fine), root / "g.db"
+    summary, elapsed = ingest_ok(env, csv, db, "--timeout", 3, "--workers", 8)
+    # the first rows of the throttled host were tried (4 at once: its per-host share); the rest were not
+    return {"cases": {"throttled-host": fine, "failing-host": throttled[4:]}, "rows": rows_by_url(db),
+            "summary": summary, "seconds": elapsed, "tried": throttled[:4], "busy": busy, "db": db}
+
+
+def test_a_throttling_host_holds_back_only_its_own_rows_and_is_given_up_fast(fairness_run):
+    run = fairness_run
+    assert observed(run) == {"throttled-host": "ok", "failing-host": "failed: host-failing"}
+    assert {outcome(run["rows"][u]) for u in run["tried"]} <= {"failed: http-429", "failed: host-busy"}
+    assert run["busy"].count() <= 4  # the given-up rows made no request
+    assert run["seconds"] < 20, run["seconds"]  # not the 60 s Retry-After
+    assert all(run["rows"][u]["error"].startswith("host-failing: not tried") for u in run["cases"]["failing-host"])
+    from retrieval.ingest import is_transient
+
+    assert all(is_transient(run["rows"][u]["error"]) for u in run["cases"]["failing-host"])  # a later run retries
+
+
+@pytest.fixture(scope="module")
+def csv_kinds_run(servers, env, tmp_path_factory):
+    """CSVs whose URL column is not named url, saved as UTF-16, a binary file, a --url-column naming nothing."""
+    srv = servers("csv-kinds")
+    root = tmp_path_factory.mktemp("csv-kinds")
+    a = srv.add("/p.jpg", body=jpeg(1430), headers={"Content-Type": "image/jpeg"})
+    b = srv.add("/u16.jpg", body=jpeg(1431), headers={"Content-Type": "image/jpeg"})
+    seen: dict[str, str] = {}
+    (root / "ids.csv").write_text(f"id,photo_url\n7,{a}\n", encoding="utf-8")
+    s, _ = ingest_ok(env, root / "ids.csv", root / "g.db")
+    row = rows_by_url(root / "g.db").get(a)
+    seen["url-column-by-content"] = outcome(row) if (s["url_column"], s["url_column_how"]) == ("photo_url", "by content") \
+        and json.loads(row["meta"]) == {"id": "7"} else f"column {s['url_column']}"
+    (root / "excel.csv").write_bytes(f"url\ttitle\r\n{b}\tcafé\r\n".encode("utf-16"))
+    ingest_ok(env, root / "excel.csv", root / "g.db")
+    row = rows_by_url(root / "g.db").get(b)
+    seen["utf-16-csv"] = outcome(row) if row and json.loads(row["meta"]) == {"title": "café"} else "missing"
+    (root / "photo.csv").write_bytes(save(picture(1432), "PNG"))
+    refused = {}
+    for name, args in (("binary-csv", ["--csv", root / "photo.csv"]),
+                       ("url-column-missing", ["--csv", root / "ids.csv", "--url-column", "nope"])):
+        db = root / f"{name}.db"
+        p = _cli(env, "ingest", *args, "--db", db)
+        one_error_line(p, args[1])
+        assert not db.exists(), name  # refused before a gallery was created
+        seen[name] = f"exit {p.returncode}"
+        refused[name] = p.stderr
+    return {"seen": seen, "stderr": refused}
+
+
+def test_csv_url_column_utf16_and_binary_files(csv_kinds_run):
+    assert csv_kinds_run["seen"] == {"url-column-by-content": "ok", "utf-16-csv": "ok", "binary-csv": "exit 2",
+                                     "url-column-missing": "exit 2"}
+    assert "not a text CSV file" in csv_kinds_run["stderr"]["binary-csv"]
+    assert "PNG image" in csv_kinds_run["stderr"]["binary-csv"]
+    assert "no column named 'nope'" in csv_kinds_run["stderr"]["url-column-missing"]
