@@ -261,6 +261,8 @@ class _Progress:
             left = (s.total - s.done) / max(rate, s.done / max(s.seconds, 1e-9))
             eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         total = f"/{s.total}" if s.total else ""
+        if not self.shown and getattr(s, "url_column", None):  # say at once which column the URLs come from
+            sys.stderr.write(f"URLs from column '{s.url_column}' ({s.url_column_how})\n")
         out = getattr(sys.stderr, "raw", sys.stderr)  # our own \r and erase-line, past the cleaning stream
         out.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
                   f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
