@@ -1054,8 +1054,11 @@ def fetch_many(items: Iterable, workers: int = 8, config: FetchConfig | None = N
         return FetchResult(url=url, ok=False, reason=reason, transient=True, attempts=0, key=key)
 
     try:
+        step = max(16, workers)  # items read per round: results are yielded as they come, not after a long read
         while True:
-            while not exhausted and n_waiting + len(futures) < limit:
+            for _ in range(step):
+                if exhausted or n_waiting + len(futures) >= limit:
+                    break
                 try:
                     item = next(it)
                 except StopIteration:
@@ -1103,6 +1106,8 @@ def fetch_many(items: Iterable, workers: int = 8, config: FetchConfig | None = N
                     return
                 continue
             timeout = None if wake is None else max(0.0, wake - now)
+            if not exhausted and n_waiting + len(futures) < limit:
+                timeout = 0  # more input can be read: only pick up what has finished already
             done, _ = wait(list(futures), timeout=timeout, return_when=FIRST_COMPLETED)
             for fut in done:
                 hk = futures.pop(fut)

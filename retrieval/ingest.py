@@ -280,6 +280,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
     window = max(10_000, 8 * encoder.settings.batch_size + 4 * options.workers + options.queue_size + 2 * CHUNK)
     recent: set[str] = set()
     order: deque[str] = deque()
+    fetching: set[str] = set()  # handed to the fetcher, no result yet (however far ahead it reads)
 
     def remember(h: str):
         recent.add(h)
@@ -321,15 +322,17 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
             known = store.known(conn, [x.url_hash for x in chunk])
             skipped = 0
             for x in chunk:
-                if x.url_hash in recent or _skip(known.get(x.url_hash), options, x.mtime):
+                if x.url_hash in recent or x.url_hash in fetching or _skip(known.get(x.url_hash), options, x.mtime):
                     skipped += 1
                     continue
-                remember(x.url_hash)
                 if x.error is not None:  # a bad CSV row: recorded as failed, nothing to fetch
+                    remember(x.url_hash)
                     put(x)
                 elif x.local:
+                    remember(x.url_hash)
                     put(read_local(x))
-                else:
+                else:  # remembered once its result is back (the fetcher may read far ahead)
+                    fetching.add(x.url_hash)
                     yield x, x.fetch_url or x.url
             if skipped:
                 put(Item(url="", url_hash="", skipped=skipped))
@@ -349,6 +352,8 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 if stop.is_set():  # e.g. "cancelled" by the main thread closing the fetcher: not recorded
                     break
                 item: Item = res.key
+                fetching.discard(item.url_hash)
+                remember(item.url_hash)  # the window counts from here: until the row is committed
                 item.http_status = res.http_status
                 if not res.ok:
                     item.error = res.reason
