@@ -234,13 +234,23 @@ def _db_path(db: Optional[Path]) -> Path:
     return Path(db or os.environ.get("DINOV2_DB") or "gallery.db")
 
 
-def _open_db(db: Optional[Path], must_exist: bool = False):
-    from retrieval import store
+_DB_IN_USE: list = []  # the database the command works on, for main()'s one-line SQLite errors
+
+
+def _open_db(db: Optional[Path], must_exist: bool = False, readonly: bool = False):
+    """(path, connection). ``readonly``: the gallery must exist and is opened read-only (nothing created or
+    migrated; a file that is not a gallery is refused). Otherwise (ingest) the file is looked at read-only
+    first: only a missing/blank file or an undamaged gallery is opened for writing."""
+    from retrieval import dbopen, store
     from retrieval.errors import InputError
 
     path = _db_path(db)
-    if must_exist and not path.exists():
+    _DB_IN_USE[:] = [path]
+    if (must_exist or readonly) and not path.exists():
         raise InputError(f"{path}: no such gallery database (run: python cli.py ingest --csv FILE --db {path})")
+    if readonly:
+        return path, store.connect(path, readonly=True)
+    dbopen.check_for_writing(path)
     return path, store.connect(path)
 
 
@@ -341,6 +351,10 @@ def ingest(
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
     except SQLITE_ERRORS as exc:  # e.g. the disk filled up: what was committed stays, the next run resumes
+        from retrieval import dbopen
+
+        if dbopen.is_damage(exc) or dbopen.is_lock(exc):
+            raise dbopen.explain(db_path, exc) from exc
         raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
     finally:
         progress.close()
@@ -374,7 +388,7 @@ def query(
         raise ConfigError("give exactly one query: an image file, --url URL or --id N")
     if k < 1:
         raise ConfigError(f"-k {k}: expected a positive number")
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, readonly=True)
     if image_id is not None:
         results = Q.by_id(conn, image_id, k)
     else:
@@ -416,7 +430,7 @@ def stats(
 
     from retrieval import store
 
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, readonly=True)
     s = store.stats(conn)
     if as_json:
         typer.echo(json.dumps(s, indent=2, default=str))
@@ -440,6 +454,7 @@ def stats(
 def doctor(
     db: Optional[Path] = DbOpt,
     repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed without losing an ok row that has a vector; checkpoint the WAL."),
+    recover: Optional[Path] = typer.Option(None, "--recover", help="A damaged database: copy every readable row into this NEW file (a working gallery) and say what was lost."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ):
     """Check a gallery database (integrity, vectors vs rows, norms, model, migrations, runs, files, WAL) and say how to repair it.
@@ -447,9 +462,35 @@ def doctor(
     Exit 0 when healthy (after --repair: when every problem was fixed), 1 when problems remain.
     """
     import json
+    import shlex
 
     from retrieval import doctor as D
+    from retrieval.errors import ConfigError
 
+    _DB_IN_USE[:] = [_db_path(db)]
+    if recover is not None:
+        from retrieval.recover import recover as recover_db
+
+        if repair:
+            raise ConfigError("give --repair or --recover, not both")
+        source = _db_path(db)
+        result = recover_db(source, recover)
+        after = D.examine(recover)
+        if as_json:
+            typer.echo(json.dumps({**result.as_dict(), "healthy": after.healthy}, indent=2, default=str))
+        else:
+            typer.echo("\n".join(result.lines()))
+            if after.healthy:
+                src_q, new_q = shlex.quote(str(source)), shlex.quote(str(recover))
+                typer.echo(f"{recover}: a healthy gallery. Use it with --db {new_q}, or put it in place of the "
+                           f"damaged one (keep a copy of that first if you like): "
+                           f"rm -f {shlex.quote(str(source) + '-wal')} {shlex.quote(str(source) + '-shm')} "
+                           f"&& mv {new_q} {src_q}")
+            else:
+                typer.echo(D.format_report(after))
+        if not after.healthy:
+            raise typer.Exit(1)
+        return
     report = D.examine(_db_path(db), repair_it=repair)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
@@ -479,6 +520,15 @@ def main() -> None:
         app()
     except RetrievalError as exc:
         typer.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # a SQLite error from the gallery (damaged, locked, older schema): one line
+        from retrieval.store import SQLITE_ERRORS
+
+        if not isinstance(exc, SQLITE_ERRORS):
+            raise
+        from retrieval.dbopen import explain
+
+        typer.echo(f"Error: {explain(_DB_IN_USE[0] if _DB_IN_USE else 'database', exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)

@@ -6,8 +6,9 @@ again. Each check ends ``ok``, ``problem`` or ``fixed`` (a problem that ``--repa
 ``skipped`` (its tables do not exist yet). The checks:
 
 - ``versions``: ``sqlite_version()`` and ``vec_version()`` (information);
-- ``quick_check``, ``integrity_check``: SQLite's own. A corrupt database is never repaired here: the
-  manual route is ``sqlite3 gallery.db ".recover" | sqlite3 fixed.db``;
+- ``quick_check``, ``integrity_check``: SQLite's own. A corrupt database is never repaired in place: the
+  route is ``python cli.py doctor --db gallery.db --recover new.db`` (``retrieval/recover.py``: every
+  readable row into a new file);
 - ``migrations``: applied vs available (pending ones are applied by ``--repair``; a migration this code
   does not know means the database is newer than the code);
 - ``model``: the model record exists when there are vectors, the ``image_embeddings`` vec0 table exists,
@@ -33,15 +34,13 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 
-from . import store
+from . import dbopen, store
 from .errors import DatabaseError, InputError
 
 EXAMPLES = 5  # ids shown per problem
@@ -97,51 +96,21 @@ class Report:
 # ---------------------------------------------------------------- opening
 
 
-def open_gallery(path):
-    """A connection to an existing gallery database, without creating it or migrating it.
+def open_gallery(path, *, readonly: bool = True):
+    """A connection to an existing gallery database, without creating it or migrating it: read-only unless
+    ``readonly=False`` (``--repair``).
 
-    InputError when the file does not exist; DatabaseError when it is not a SQLite database or holds no
-    gallery tables (a foreign SQLite file is left untouched: it is first opened read-only)."""
+    InputError when the file does not exist; DatabaseError when it is not a SQLite database or not a gallery
+    (the file is looked at read-only first and left untouched; see ``retrieval/dbopen.py``)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such gallery database")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    driver = store._driver()
-    uri = "file:" + quote(str(path.resolve())) + "?mode=ro"
-    names = None
-    try:
-        ro = driver.connect(uri, uri=True, timeout=store.BUSY_TIMEOUT_S)
-        try:
-            names = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            ro.close()
-    except store.SQLITE_ERRORS as exc:
-        if not _looks_like_sqlite(path):
-            raise DatabaseError(f"{path}: not a SQLite database ({exc})") from None
-        # a SQLite file that cannot be read read-only (e.g. a WAL file without its -shm): try the normal way
-    if names is not None and not names & {"images", "migrations"}:
-        raise DatabaseError(f"{path}: not a gallery database (no images or migrations table)")
-    try:
-        return store.connect(path, apply_migrations=False)
-    except DatabaseError as exc:
-        if _looks_like_sqlite(path):
-            raise DatabaseError(f"{exc}; if the file is corrupt, recover it: {recover_command(path)}") from None
-        raise
-
-
-def _looks_like_sqlite(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        return False
+    if readonly:
+        return dbopen.open_readonly(path, allow_newer=True)
+    dbopen._refuse(dbopen.inspect_file(path), allow_newer=True)
+    return store.connect(path, apply_migrations=False)
 
 
 def recover_command(path) -> str:
-    p = shlex.quote(str(path))
-    fixed = shlex.quote(str(Path(path).with_name(Path(path).stem + "-recovered.db")))
-    return f'sqlite3 {p} ".recover" | sqlite3 {fixed}'
+    return dbopen.recover_command(path)
 
 
 # ---------------------------------------------------------------- helpers
@@ -220,9 +189,9 @@ def _pragma_check(pragma):
         ctx["corrupt"] = True
         return Check(pragma, "problem", detail=f"the database is corrupt ({_plural(len(lines), 'error')}): "
                      f"{lines[0]}", count=len(lines), examples=lines[:EXAMPLES],
-                     repair=f"not repaired here: recover the data into a new file with "
-                            f"{recover_command(ctx['path'])}, check it with `python cli.py doctor --db <that file>`, "
-                            f"then replace the database with it (and delete the old -wal and -shm files)")
+                     repair=f"not repaired here: copy every readable row into a new gallery with "
+                            f"{recover_command(ctx['path'])} (it says what was lost and how to put the new file "
+                            f"in place)")
     check.__name__ = pragma
     return check
 
@@ -532,8 +501,8 @@ def repair(conn, path) -> list[str]:
 
 def examine(path, *, repair_it: bool = False) -> Report:
     """Check the gallery at ``path``; with ``repair_it``, repair then check again (problems that are gone
-    are reported ``fixed``)."""
-    conn = open_gallery(path)
+    are reported ``fixed``). Without ``repair_it`` the database is opened read-only."""
+    conn = open_gallery(path, readonly=not repair_it)
     try:
         checks, ctx = diagnose(conn, path)
         report = Report(database=str(path), checks=checks, repaired=repair_it, versions=ctx["versions"])
