@@ -615,6 +615,10 @@ def record_duplicate(conn, row: dict, duplicate_of: int | None = None) -> tuple[
             raise ValueError(f"{params['url']}: duplicate_of={duplicate_of} is not an ok image")
         if target["url_hash"] == params["url_hash"]:  # the same URL already holds this content
             return int(duplicate_of), "ok"
+        before = conn.execute("SELECT id, status, content_sha256 FROM images WHERE url_hash = ?",
+                              (params["url_hash"],)).fetchone()
+        if before is not None and before["status"] == "ok" and before["content_sha256"] != params["content_sha256"]:
+            _promote_duplicate(conn, int(before["id"]))  # its old content lives on in its first duplicate
         params["duplicate_of"] = int(duplicate_of)
         conn.execute(_UPSERT_DUPLICATE, params)
         image_id = int(_existing(conn, params["url_hash"])["id"])
