@@ -303,7 +303,8 @@ def ingest(
     max_attempts: int = typer.Option(3, "--max-attempts", help="Transient failures (timeouts, 5xx, 429) are retried on later runs until this many attempts."),
     images_dir: Optional[Path] = typer.Option(None, "--images-dir", help="Where downloaded originals are stored. Default: <db name>_images beside the database."),
     timeout: float = typer.Option(60.0, "--timeout", help="Total seconds allowed for one download."),
-    max_mb: float = typer.Option(50.0, "--max-mb", help="Largest download accepted, in MB."),
+    max_mb: float = typer.Option(50.0, "--max-mb", help="Largest download or local file accepted, in MB."),
+    files_root: Optional[Path] = typer.Option(None, "--files-root", help="Local files named in the CSV (or found by --dir) are read only inside this folder (symlinks resolved). Default: the CSV's folder (--dir: that folder)."),
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
@@ -332,8 +333,10 @@ def ingest(
     if not 1 <= max_bytes <= 2**40:
         raise ConfigError(f"--max-mb {max_mb:g}: expected a number of megabytes above 0, at most {2**20}")
     fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes)
+    if files_root is not None and not files_root.is_dir():
+        raise InputError(f"--files-root {files_root}: no such folder")
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
-                              images_dir=images_dir, fetch=fetch)
+                              images_dir=images_dir, fetch=fetch, files_root=files_root)
     db_path, conn = _open_db(db)
     recorded = get_model(conn) or {}
     settings = EncoderSettings(

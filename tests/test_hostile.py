@@ -971,6 +971,111 @@ def test_100k_rows_memory_stays_flat(http_server, env, tmp_path):
     assert peaks[100_000] <= peaks[10_000] + 30 * 1024, peaks  # KB: +30 MB at most for 10x the rows
 
 
+# ---------------------------------------------------------------- local files (issue 10): confinement, only regular files
+
+
+LOCAL_EXPECTED = {
+    "local-file": "ok",
+    "local-outside-folder": "failed: outside-folder",
+    "local-fifo": "failed: not-a-file",
+    "local-device": "failed: not-a-file",
+    "local-huge-sparse": "failed: too-large",
+}
+
+
+@pytest.fixture(scope="module")
+def local_run(env, tmp_path_factory):
+    """A CSV naming local files (in its folder, outside it by every route, a FIFO, a sparse file of up to 16 TB), then
+    ``--dir`` on the same folder with --files-root / (a FIFO and a symlink to /dev/zero named *.jpg): each run
+    must end (no hang, no MemoryError) with every row recorded."""
+    top = tmp_path_factory.mktemp("local")
+    folder, outside = top / "data", top / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "good.png").write_bytes(png_of(picture(900)))
+    (folder / "sub" / "other.png").write_bytes(png_of(picture(901)))
+    (outside / "secret.png").write_bytes(png_of(picture(902)))  # an image: must not end up ok
+    (outside / "secret.txt").write_text("password=hunter2\n")
+    (folder / "link-out.png").symlink_to(outside / "secret.png")
+    (folder / "link-in.png").symlink_to(folder / "sub" / "other.png")
+    os.mkfifo(folder / "pipe.jpg")
+    with open(folder / "huge.png", "wb") as f:  # sparse: as large as this file system allows, from 16 TB down
+        for exp in (44, 42, 40, 38, 36, 34):
+            try:
+                f.truncate(2 ** exp)
+                break
+            except OSError:
+                continue
+    cases = {
+        "local-file": ["good.png", "sub/other.png"],
+        "local-outside-folder": ["/etc/passwd", "../outside/secret.txt", str(outside / "secret.png"),
+                                 "link-out.png", "/proc/self/environ", "../../../../../../etc/hostname"],
+        "local-fifo": ["pipe.jpg"],
+        "local-huge-sparse": ["huge.png"],
+    }
+    csv = folder / "files.csv"
+    csv.write_text("path,title\n" + "".join(f"{cell},{name} {i}\n" for name, cells in cases.items()
+                                            for i, cell in enumerate(cells)))
+    db = top / "g.db"
+    summary, _ = ingest_ok(env, csv, db, "--max-mb", MAX_MB, timeout=60)
+    rows = rows_by_url(db)
+    # --dir over the same folder, every file allowed (--files-root /): the FIFO and the device are still refused
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    db2 = top / "dir.db"
+    p = subprocess.run([sys.executable, "cli.py", "ingest", "--dir", str(folder), "--db", str(db2), "--files-root",
+                        "/", "--max-mb", str(MAX_MB), "--json", "-q"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    dir_summary = json.loads(p.stdout)
+    return {"cases": cases, "rows": rows, "summary": summary, "db": db, "folder": folder, "outside": outside,
+            "dir_rows": rows_by_url(db2), "dir_summary": dir_summary}
+
+
+def local_observed(run) -> dict:
+    by_title = {json.loads(r["meta"])["title"]: r for r in run["rows"].values() if r["meta"]}
+    outs: dict[str, set] = {}
+    for name, cells in run["cases"].items():
+        for i, _ in enumerate(cells):
+            outs.setdefault(name, set()).add(outcome(by_title.get(f"{name} {i}")))
+    dir_rows = {Path(u).name: r for u, r in run["dir_rows"].items()}
+    outs.setdefault("local-fifo", set()).add(outcome(dir_rows.get("pipe.jpg")))
+    outs.setdefault("local-device", set()).add(outcome(dir_rows.get("zero.jpg")))
+    outs.setdefault("local-huge-sparse", set()).add(outcome(dir_rows.get("huge.png")))
+    for name, o in outs.items():
+        assert len(o) == 1, (name, o)
+    return {name: o.pop() for name, o in outs.items()}
+
+
+def test_local_files_are_confined_and_only_regular_files_are_read(local_run):
+    assert local_observed(local_run) == LOCAL_EXPECTED
+    by_title = {json.loads(r["meta"])["title"]: r for r in local_run["rows"].values() if r["meta"]}
+    for i, cell in enumerate(local_run["cases"]["local-outside-folder"]):
+        r = by_title[f"local-outside-folder {i}"]
+        # nothing about the file is stored: no size, no hash, no mtime, no dimensions
+        assert (r["bytes"], r["content_sha256"], r["mtime"], r["width"], r["path"]) == (None,) * 5, r
+        assert "--files-root" in r["error"]
+    assert not any("hunter2" in (r["error"] or "") for r in local_run["rows"].values())
+    huge = by_title["local-huge-sparse 0"]
+    assert huge["bytes"] is None and huge["content_sha256"] is None and "not read" in huge["error"]
+    assert local_run["dir_summary"]["status"] == "completed"
+    dir_rows = {Path(u).name: r for u, r in local_run["dir_rows"].items()}
+    # with --files-root / the symlink out is read; the symlink in is a copy of other.png
+    assert {n for n, r in dir_rows.items() if r["status"] == "ok"} == {"good.png", "link-in.png", "link-out.png"}
+    assert dir_rows["other.png"]["status"] == "duplicate"
+    assert "FIFO" in dir_rows["pipe.jpg"]["error"] and "device" in dir_rows["zero.jpg"]["error"]
+
+
+def test_files_root_names_another_folder_to_read_from(local_run, env, tmp_path):
+    folder, outside = local_run["folder"], local_run["outside"]
+    csv = folder / "outside.csv"
+    csv.write_text("path\n../outside/secret.png\n")
+    db = tmp_path / "g.db"
+    s, _ = ingest_ok(env, csv, db, "--files-root", folder.parent)
+    assert s["new"] == 1, s
+    (row,) = rows_by_url(db).values()
+    assert row["status"] == "ok" and row["url"] == str((outside / "secret.png").resolve())
+
+
 # ---------------------------------------------------------------- the README table
 
 
