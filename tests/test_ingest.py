@@ -657,6 +657,38 @@ def test_ingest_dir_recursive_rerun_and_changed_file(ingest, tmp_path):
     assert assert_consistent(db) == {"ok": 3, "failed": 1}
 
 
+def test_changed_local_file_keeps_its_duplicate_chain(cli, ingest, tmp_path):
+    """Issue 10: a.png (X), b.png (copy of a), c.png (Y); then `cp c.png a.png` and ingest --dir again: content X
+    keeps its vector through b, a is a duplicate of c, search by b's picture finds b, doctor is clean."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(60))
+    shutil.copy(folder / "a.png", folder / "b.png")
+    (folder / "c.png").write_bytes(png(61))
+    db = tmp_path / "g.db"
+    s = ingest("--dir", folder, "--db", db)
+    assert (s["new"], s["duplicate"]) == (2, 1), s
+    st = os.stat(folder / "a.png")
+    shutil.copy(folder / "c.png", folder / "a.png")
+    os.utime(folder / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    s = ingest("--dir", folder, "--db", db)
+    assert s["duplicate"] == 1 and s["skipped"] == 2, s
+    rows = {Path(u).name: r for u, r in rows_by_url(db).items()}
+    a, b, c = rows["a.png"], rows["b.png"], rows["c.png"]
+    assert a["status"] == "duplicate" and a["duplicate_of"] == c["id"]
+    assert b["status"] == "ok" and b["duplicate_of"] is None
+    assert b["content_sha256"] == hashlib.sha256(png(60)).hexdigest()
+    assert assert_consistent(db) == {"ok": 2, "duplicate": 1}
+    (tmp_path / "query.png").write_bytes(png(60))
+    p = cli("query", tmp_path / "query.png", "--db", db, "-k", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)[0]["id"] == b["id"]
+    p = cli("doctor", "--db", db)
+    assert p.returncode == 0, p.stdout
+
+
 # ---------------------------------------------------------------- the demo
 
 
