@@ -140,7 +140,16 @@ def embed(
     import numpy as np
 
     from retrieval.encoder import encode_pixels
+    from retrieval.errors import InputError
 
+    # checked before any encoding work: a typo in the output folder must not cost the whole run
+    folder = out.parent
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder, not a file name")
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {out}: cannot write in {folder}")
     encoder = _encoder(weights, preprocess, interpolation, pooling, batch_size, precision, offline)
     feats = np.empty((len(images), encoder.dim), np.float32)  # (N, D)
     window = EMBED_WINDOW_BATCHES * encoder.settings.batch_size  # images decoded and held at a time
@@ -255,11 +264,15 @@ def _open_db(db: Optional[Path], must_exist: bool = False, readonly: bool = Fals
 
 
 class _Progress:
-    """One self-rewriting status line on stderr (only when stderr is a terminal)."""
+    """On a terminal: one self-rewriting status line on stderr. Otherwise (a log file, a pipe): a plain line on
+    stderr every ``every`` seconds."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, enabled: bool, every: float = 10.0):
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled and (self.tty or every > 0)
+        self.every = every
         self.shown = False
+        self.last = None
 
     def __call__(self, s):
         if not self.enabled:
@@ -270,10 +283,19 @@ class _Progress:
             left = (s.total - s.done) / max(rate, s.done / max(s.seconds, 1e-9))
             eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         total = f"/{s.total}" if s.total else ""
-        sys.stderr.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
-                         f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
-        sys.stderr.flush()
-        self.shown = True
+        text = (f"{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
+                f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}")
+        if self.tty:
+            sys.stderr.write(f"\r{text}\033[K")
+            sys.stderr.flush()
+            self.shown = True
+            return
+        if self.last is None:
+            self.last = s.seconds
+        elif s.seconds - self.last >= self.every:
+            self.last = s.seconds
+            sys.stderr.write(f"progress {s.seconds:.0f} s: {text}\n")
+            sys.stderr.flush()
 
     def close(self):
         if self.shown:
@@ -308,6 +330,7 @@ def ingest(
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+    progress_every: float = typer.Option(10.0, "--progress-every", help="When stderr is not a terminal: a plain progress line every this many seconds (0: none)."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -337,17 +360,43 @@ def ingest(
         raise InputError(f"--files-root {files_root}: no such folder")
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
                               images_dir=images_dir, fetch=fetch, files_root=files_root)
-    db_path, conn = _open_db(db)
-    recorded = get_model(conn) or {}
+    from retrieval import dbopen, store
+    from retrieval.errors import ModelMismatchError
+    from retrieval.lazyencoder import LazyEncoder, weights_sha256
+
+    db_path = _db_path(db)
+    _DB_IN_USE[:] = [db_path]
+    info = dbopen.check_for_writing(db_path)  # a foreign or damaged file is refused here, untouched
+    recorded = {}
+    if info.kind == "gallery" and "model" in info.tables:
+        ro = store.connect(db_path, readonly=True)
+        try:
+            recorded = get_model(ro) or {}
+        finally:
+            ro.close()
     settings = EncoderSettings(
         preprocess=preprocess or recorded.get("preprocess", "resize-short"),
         interpolation=interpolation or recorded.get("interpolation", "hf"),
         pooling=pooling or recorded.get("pooling", "cls"),
         batch_size=batch_size,
     )
-    encoder = load_encoder(resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline),
-                           settings)
-    progress = _Progress(not quiet)
+    diffs = [f"{key} {recorded[key]!r}, not {getattr(settings, key)!r}" for key in ("preprocess", "interpolation", "pooling")
+             if recorded and str(recorded[key]) != getattr(settings, key)]
+    if diffs:
+        raise ModelMismatchError(f"{db_path} was built with {'; '.join(diffs)}")
+    # the weights are found (downloaded if need be) before a new gallery file is created
+    weights_path = resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline)
+    sha = weights_sha256(weights_path)  # remembered per file: a re-run does not read the weights again
+    if recorded:
+        if sha != recorded["weights_sha256"]:
+            raise ModelMismatchError(f"{db_path} was built with weights sha256 {store._short(recorded['weights_sha256'])} "
+                                     f"({recorded['variant']}), not {store._short(sha)} ({weights_path})")
+        encoder = LazyEncoder(weights_path, settings, sha)  # loaded only if something needs encoding
+    else:
+        encoder = load_encoder(weights_path, settings)
+        encoder._sha256 = sha
+    conn = store.connect(db_path)
+    progress = _Progress(not quiet, progress_every)
     try:
         if csv is not None:
             summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
@@ -512,6 +561,29 @@ def vec_path():
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the same clean stop as Ctrl-C (an ingest records its run
+    'interrupted'), then exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _interruption(exc) -> Optional[BaseException]:
+    """The KeyboardInterrupt behind an exit (typer turns Ctrl-C into a silent exit 130), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main() -> None:
     # Pillow warns on stderr about any image declaring more than its MAX_IMAGE_PIXELS, before our own
     # size check (decode.py) turns that image into a one-line "too-large" failure: the warning is noise.
@@ -519,8 +591,17 @@ def main() -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
+        try:
+            app()
+        except SystemExit as exc:
+            interrupt = _interruption(exc)
+            if interrupt is None:
+                raise
+            raise interrupt from None
     except RetrievalError as exc:
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(2)
@@ -533,7 +614,10 @@ def main() -> None:
 
         typer.echo(f"Error: {explain(_DB_IN_USE[0] if _DB_IN_USE else 'database', exc)}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            typer.echo("Interrupted (SIGTERM).", err=True)
+            sys.exit(143)
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
 

@@ -23,6 +23,8 @@ again. Each check ends ``ok``, ``problem`` or ``fixed`` (a problem that ``--repa
 - ``runs``: runs left 'running' by a process of this host that no longer exists -> 'interrupted';
 - ``originals``: stored originals (``images.path``, relative to the database's folder or absolute; for
   local-file rows the file itself) missing on disk: manual (restore them; the vectors are intact);
+- ``orphan_files``: files in the images folder (``<db name>_images``) that no row refers to, e.g. originals
+  stored by a run killed before it committed their rows -> deleted (not while a run is in progress);
 - ``wal``: the size of the ``-wal`` file (a problem above :data:`WAL_LIMIT`): ``--repair`` always runs
   ``PRAGMA wal_checkpoint(TRUNCATE)``.
 
@@ -353,6 +355,49 @@ def _originals(conn, ctx) -> Check:
                         "from a backup; put moved local files back, or ingest them from their new place")
 
 
+def _images_dir(path) -> Path:
+    p = Path(path).resolve()
+    return p.with_name(p.stem + "_images")  # ingest.default_images_dir
+
+
+def _orphan_paths(conn, path) -> list:
+    """Files in the gallery's images folder that no row refers to: originals stored by a run that stopped before
+    committing their rows (or temporary files of a write cut short)."""
+    folder = _images_dir(path)
+    if not folder.is_dir():
+        return []
+    db_dir = Path(path).resolve().parent
+    referenced = set()
+    for (stored,) in conn.execute("SELECT path FROM images WHERE path IS NOT NULL AND path != ''"):
+        p = Path(stored)
+        referenced.add(str(p if p.is_absolute() else db_dir / p))
+    found = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            f = Path(dirpath) / name
+            if str(f) not in referenced and str(f.resolve()) not in referenced:
+                found.append(f)
+    return sorted(found)
+
+
+def _orphan_files(conn, ctx) -> Check:
+    if "images" not in ctx["tables"]:
+        return Check("orphan_files", "skipped", detail="no images table (see migrations)")
+    folder = _images_dir(ctx["path"])
+    files = _orphan_paths(conn, ctx["path"])
+    if not files:
+        return Check("orphan_files", detail=f"no file in {folder.name}/ without a row")
+    names = [str(f.relative_to(folder)) for f in files]
+    if "runs" in ctx["tables"] and _stale_runs(conn)[1]:
+        return Check("orphan_files", detail=f"{_plural(len(files), 'file')} in {folder.name}/ without a row yet "
+                     "(a run is in progress)", count=len(files), examples=names[:EXAMPLES])
+    return Check("orphan_files", "problem",
+                 detail=f"{_plural(len(files), 'file')} in {folder.name}/ that no row refers to (stored by a run "
+                        f"that stopped before committing them): {_listed(names)}",
+                 count=len(files), examples=names[:EXAMPLES], auto=True,
+                 repair="--repair deletes them (the next ingest stores them again if it needs them)")
+
+
 def _wal(conn, ctx) -> Check:
     wal = _size(str(ctx["path"]) + "-wal")
     mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -365,7 +410,7 @@ def _wal(conn, ctx) -> Check:
 
 
 CHECKS = (_versions, _pragma_check("quick_check"), _pragma_check("integrity_check"), _migrations, _model,
-          _vectors_missing, _vectors_orphan, _vector_norms, _duplicates, _runs, _originals, _wal)
+          _vectors_missing, _vectors_orphan, _vector_norms, _duplicates, _runs, _originals, _orphan_files, _wal)
 
 
 def diagnose(conn, path) -> tuple[list, dict]:
@@ -486,6 +531,16 @@ def repair(conn, path) -> list[str]:
                              "WHERE id = ?", (now, run_id))
             if dead:
                 actions.append(f"marked {_plural(len(dead), 'run')} 'interrupted' (ids {_listed(dead)})")
+    if "images" in tables and not ("runs" in tables and _stale_runs(conn)[1]):  # no run in progress
+        removed = 0
+        for f in _orphan_paths(conn, path):
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            actions.append(f"deleted {_plural(removed, 'orphan file')} from {_images_dir(path).name}/")
     before = _size(str(path) + "-wal")
     busy, log, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     after = _size(str(path) + "-wal")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -263,8 +264,9 @@ class _Fatal(Exception):
     """Carries an error that must end the run (not a bad row): e.g. the images folder is not writable."""
 
 
-def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
-    """Write the original bytes as images_dir/ab/abcdef....ext, atomically; existing files are kept."""
+def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path, written: set | None = None) -> Path:
+    """Write the original bytes as images_dir/ab/abcdef....ext, atomically; existing files are kept. A file
+    written here is added to ``written`` (the run removes those no row refers to when it stops)."""
     ext = EXTENSIONS.get(fmt, "." + fmt.lower() if fmt else ".bin")
     dest = images_dir / sha[:2] / (sha + ext)
     if dest.exists():
@@ -277,6 +279,8 @@ def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+        if written is not None:
+            written.add(dest)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -284,7 +288,7 @@ def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
 
 
 def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_dir: Path,
-             holder_of: Callable[[str], int | None]) -> Item:
+             holder_of: Callable[[str], int | None], written: set | None = None) -> Item:
     """Decode and preprocess ``data`` into ``item`` (pixels and info), or set its error; bytes the
     gallery already holds (``holder_of(sha256)`` finds the ok row) make it a duplicate, not decoded."""
     sha = hashlib.sha256(data).hexdigest()
@@ -303,7 +307,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
     item.info.update(width=img.width, height=img.height, format=img.format)
     if images_dir is not None:
         try:
-            stored = _store_original(data, sha, img.format or "", images_dir)
+            stored = _store_original(data, sha, img.format or "", images_dir, written)
         except OSError as exc:
             raise _Fatal(f"{images_dir}: cannot store images there ({exc.strerror or exc})") from exc
         try:
@@ -314,8 +318,37 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
     return item
 
 
+def remove_uncommitted(conn, written, db_dir: Path, run_id: int) -> list[Path]:
+    """After a run stopped early: delete the originals it stored that no row refers to (their rows were never
+    committed), unless another ingest is running on the gallery (it may be about to commit a row naming one).
+    Best effort: anything left is reported by ``doctor`` (orphan_files) and removed by ``doctor --repair``."""
+    removed = []
+    try:
+        for r in conn.execute("SELECT id, pid, host FROM runs WHERE status = 'running' AND id != ?", (run_id,)):
+            if r["pid"] is None or r["host"] != socket.gethostname() or store._pid_alive(int(r["pid"])):
+                return removed
+        for path in sorted(written):
+            names = {str(path)}
+            try:
+                names.add(str(Path(path).relative_to(db_dir)))
+            except ValueError:
+                pass
+            marks = ", ".join("?" * len(names))
+            if conn.execute(f"SELECT 1 FROM images WHERE path IN ({marks}) LIMIT 1", tuple(names)).fetchone():
+                continue
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    except store.SQLITE_ERRORS:
+        pass
+    return removed
+
+
 def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestOptions, out: queue.Queue,
-             stop: threading.Event, images_dir: Path, fetcher: Fetcher, local_root: Path | None = None):
+             stop: threading.Event, images_dir: Path, fetcher: Fetcher, local_root: Path | None = None,
+             written: set | None = None):
     """Producer thread body: everything up to encoding. Puts Items, then None (done) or an exception.
 
     ``fetcher`` belongs to the main thread, which closes it when the run stops: downloads in flight are
@@ -390,7 +423,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                     item.error = res.reason
                     put(item)
                 else:
-                    put(_prepare(item, res.data, route, images_dir, db_dir, holder_of))
+                    put(_prepare(item, res.data, route, images_dir, db_dir, holder_of, written))
         finally:
             results.close()
         put(None)
@@ -415,16 +448,20 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     KeyboardInterrupt stops the run cleanly: what was committed stays, the run is recorded as
     interrupted, and the exception propagates.
     """
-    store.ensure_model(conn, encoder.record())
+    lazy = encoder if hasattr(encoder, "get") else None  # a LazyEncoder: the model is loaded on first use
+    if lazy is None:
+        store.ensure_model(conn, encoder.record())
     images_dir = Path(options.images_dir or default_images_dir(db_path))
     summary = Summary(source=source_name, total=total)
     summary.run_id = store.start_run(conn, source_name)
     started = time.monotonic()
     out: queue.Queue = queue.Queue(maxsize=options.queue_size)
     stop = threading.Event()
+    written: set = set()  # originals this run stored (the producer adds; read after it has stopped)
     fetcher = Fetcher(options.fetch, workers=options.workers)
     producer = threading.Thread(target=_produce, name="ingest-producer", daemon=True,
-                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher, local_root))
+                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher, local_root,
+                                      written))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
     others: list[Item] = []  # failures and duplicates: no encoding, committed with the next batch
     # content of the items in buckets -> later items with the same bytes (other URLs): not encoded, recorded
@@ -440,7 +477,10 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         nonlocal last_commit
         outcomes = []
         if items:
-            feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
+            if lazy is not None and not lazy.loaded:
+                store.ensure_model(conn, lazy.get().record())
+            enc = lazy.get() if lazy is not None else encoder
+            feats = l2_normalise(encode_pixels(enc, [x.pixels for x in items]))  # (n, D)
             for x, v in zip(items, feats):
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
                 for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
@@ -530,6 +570,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         stop.set()
         fetcher.close()  # aborts downloads in flight (Ctrl-C must not wait for a hung server)
         producer.join(timeout=30)
+        if status != "completed" and not producer.is_alive():
+            remove_uncommitted(conn, written, Path(db_path).resolve().parent, summary.run_id)
         summary.seconds = time.monotonic() - started
         summary.status = status
         counts = {"new": summary.new, "skipped": summary.skipped, "failed": summary.failed,
