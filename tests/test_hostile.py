@@ -1076,6 +1076,131 @@ def test_files_root_names_another_folder_to_read_from(local_run, env, tmp_path):
     assert row["status"] == "ok" and row["url"] == str((outside / "secret.png").resolve())
 
 
+# ---------------------------------------------------------------- databases that are not (usable) galleries (issue 10)
+
+
+def run_main(*args, extra_env: dict | None = None) -> tuple[int, str]:
+    """``cli.main()`` in this process (so a test can shorten the busy timeout): (exit code, stderr)."""
+    import contextlib
+
+    import cli as C
+
+    err = io.StringIO()
+    saved_argv, saved_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["cli.py", *map(str, args)]
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+            for k, v in (extra_env or {}).items():
+                mp.setenv(k, v)
+            try:
+                C.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_term)
+    return code, err.getvalue()
+
+
+def _one_line_exit(code: int, err: str, *words: str) -> str:
+    """``exit N`` when stderr is one "Error:" line holding every word (and no traceback), else what happened."""
+    lines = err.strip().splitlines()
+    if len(lines) == 1 and lines[0].startswith("Error: ") and all(w in lines[0] for w in words):
+        return f"exit {code}"
+    return f"exit {code}: {err!r}"
+
+
+DB_EXPECTED = {"not-a-gallery": "exit 2", "damaged-database": "exit 2", "database-locked": "exit 2",
+               "older-schema": "exit 2"}
+
+
+@pytest.fixture(scope="module")
+def db_run(weights, tmp_path_factory):
+    """{case: outcome} for the database cases of the README table, each observed through cli.main()."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("dbs")
+    weights_env = {"DINOV2_WEIGHTS": str(weights), "DINOV2_OFFLINE": "1", "DINOV2_CACHE": str(root / "cache")}
+    seen, digests_kept = {}, True
+
+    # not a gallery: an unrelated SQLite file, a 0-byte file, a foreign images table -- refused, left unchanged
+    outs = set()
+    for name, make, words in (
+            ("other.db", lambda c: c.execute("CREATE TABLE notes (body TEXT)"), "not a gallery database"),
+            ("zero.db", None, "empty file"),
+            ("foreign.db", lambda c: c.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT)"),
+             "images table is not a gallery's")):
+        path = root / name
+        if make is None:
+            path.write_bytes(b"")
+        else:
+            conn = sqlite3.connect(path)
+            make(conn)
+            conn.commit()
+            conn.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        for command in (("stats",), ("query", "--id", "1"), ("doctor",)):
+            outs.add(_one_line_exit(*run_main(*command, "--db", path), words))
+        digests_kept &= hashlib.sha256(path.read_bytes()).hexdigest() == before
+    seen["not-a-gallery"] = outs.pop() if len(outs) == 1 and digests_kept else f"{outs} unchanged={digests_kept}"
+
+    # a gallery with a page of garbage in its images table: a query and ingest give one line, ingest writes nothing
+    # (stats may still answer: its counts come from an index)
+    folder = root / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_of(picture(950)))
+    gallery = root / "damaged.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env)
+    assert code == 0, err
+    conn = store.connect(gallery)
+    store.commit_batch(conn, [dict(status="failed", url=f"http://127.0.0.1:9/{i}", error="http-404: " + "x" * 200)
+                              for i in range(100)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root_page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'images'").fetchone()[0]
+    conn.close()
+    with open(gallery, "r+b") as f:
+        f.seek((root_page - 1) * 4096 + 12)
+        f.write(b"\xff" * (4096 - 12))
+    before = hashlib.sha256(gallery.read_bytes()).hexdigest()
+    (folder / "b.png").write_bytes(png_of(picture(951)))
+    outs = {_one_line_exit(*run_main("query", "--id", "1", "--db", gallery), "damaged", "--recover"),
+            _one_line_exit(*run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env),
+                           "damaged", "nothing was written", "--recover")}
+    kept = hashlib.sha256(gallery.read_bytes()).hexdigest() == before
+    seen["damaged-database"] = outs.pop() if len(outs) == 1 and kept else f"{outs} unchanged={kept}"
+
+    # locked by another program for longer than the busy timeout (shortened here from 30 s)
+    locked = root / "locked.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env)
+    assert code == 0, err
+    (folder / "c.png").write_bytes(png_of(picture(952)))
+    other = store.connect(locked)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(store, "BUSY_TIMEOUT_S", 0.5)
+            seen["database-locked"] = _one_line_exit(
+                *run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env),
+                "locked by another program")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+    # a gallery of an older schema that the reader cannot read as it is: the command that upgrades it
+    old = root / "old.db"
+    conn = store.connect(old, apply_migrations=False)
+    store.migrate(conn, upto=1)
+    conn.close()
+    seen["older-schema"] = _one_line_exit(*run_main("stats", "--db", old), "older",
+                                          f"python cli.py doctor --db {old} --repair")
+    return seen
+
+
+def test_databases_that_are_not_usable_galleries_get_one_line_and_stay_unchanged(db_run):
+    assert db_run == DB_EXPECTED
+
+
 # ---------------------------------------------------------------- the README table
 
 
@@ -1100,8 +1225,10 @@ def readme_table() -> dict:
     return table
 
 
-def test_readme_bad_input_table(server_run, image_run, csv_run, http_server, env, tmp_path, noise_image):
-    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run)}
+def test_readme_bad_input_table(server_run, image_run, csv_run, local_run, db_run, http_server, env, tmp_path,
+                                noise_image):
+    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run), **local_observed(local_run),
+            **db_run}
     # the images-folder rows: observed here (a fresh run) unless the parametrized test already ran
     for kind in ("not-a-directory", "full", "database-full"):
         if UNWRITABLE[kind][0] not in OBSERVED_ERRORS:
