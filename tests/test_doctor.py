@@ -345,6 +345,29 @@ def test_healthy_gallery(tmp_path):
     assert ok_vectors(db) == before
 
 
+def test_orphan_files_are_reported_and_deleted_by_repair(tmp_path):
+    """Originals stored by a run killed before it committed their rows: found, and deleted by --repair (the
+    files rows refer to stay)."""
+    db = build_gallery(tmp_path)
+    folder = tmp_path / "gallery_images"
+    orphans = [folder / "ee" / ("ee" * 32 + ".jpg"), folder / "ab" / ".partial.123.tmp"]
+    for f in orphans:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"never committed")
+    kept = sorted(p for p in folder.rglob("*") if p.is_file() and p not in orphans)
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    p = doctor(db)
+    assert p.returncode == 1
+    line = line_of(p.stdout, "orphan_files")
+    assert line.startswith("problem") and "2 files" in line, line
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest  # doctor without --repair wrote nothing
+    p = doctor(db, "--repair")
+    assert p.returncode == 0, p.stdout
+    assert "deleted 2 orphan files" in p.stdout
+    assert not any(f.exists() for f in orphans)
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == kept and len(kept) == N_OK
+
+
 def test_empty_gallery_is_healthy(tmp_path):
     db = tmp_path / "empty.db"
     store.connect(db).close()
