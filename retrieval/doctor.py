@@ -456,10 +456,12 @@ def _mark_refetch(conn, ids, reason, now) -> None:
             f"WHERE id IN ({', '.join('?' * len(chunk))})", (reason, now, *chunk))
 
 
-def repair(conn, path) -> list[str]:
+def repair(conn, path, *, known_missing=None) -> list[str]:
     """Fix what can be fixed, in one transaction, then checkpoint the WAL; returns what was done.
 
-    Never deletes an ok row or the vector of an ok row whose vector is usable."""
+    Never deletes an ok row or the vector of an ok row whose vector is usable. ``known_missing`` (from
+    ``doctor --recover``, which inserted only checked unit vectors of ok rows): the ok rows without a vector,
+    so the scans of the vectors table are skipped."""
     actions = []
     now = store._now()
     with store.transaction(conn):
@@ -473,7 +475,13 @@ def repair(conn, path) -> list[str]:
             actions.append(f"created image_embeddings float[{int(model['dim'])}]")
             tables = _tables(conn)
         width = _vec_width(conn)
-        if ("image_embeddings" in tables and "images" in tables and width
+        if known_missing is not None:
+            ids = sorted(known_missing)
+            _mark_refetch(conn, ids, VECTOR_MISSING, now)
+            if ids:
+                actions.append(f"marked {_plural(len(ids), 'ok row')} without a vector failed "
+                               f"(\"incomplete: ...\", attempts 0: the next ingest fetches them again) (ids {_listed(ids)})")
+        elif ("image_embeddings" in tables and "images" in tables and width
                 and (model is None or width == int(model["dim"]))):
             ids = _ids(conn, store.SQL_ORPHAN_VECTORS)
             for i in ids:

@@ -259,7 +259,8 @@ def recover(source, target, *, time_limit: float = 3600.0) -> Recovery:
     os.replace(tmp, target)
     conn = store.connect(target, apply_migrations=False)
     try:
-        report.repairs = [a for a in D.repair(conn, target) if not a.startswith("checkpointed the WAL")]
+        report.repairs = [a for a in D.repair(conn, target, known_missing=report.vectors_lost)
+                          if not a.startswith("checkpointed the WAL")]
     finally:
         conn.close()
     return report
@@ -345,31 +346,60 @@ def _drop_unique_violations(dst, index: str, table: str, report: Recovery) -> No
             t.copied -= cur.rowcount
 
 
+def _shadow_vectors(src, wanted: set, dim: int) -> dict:
+    """Vectors read straight from sqlite-vec's shadow tables (``image_embeddings_rowids``: rowid -> chunk and
+    offset; ``image_embeddings_vector_chunks00``: one blob of up to 1024 vectors per chunk), each chunk once.
+    (A vec0 scan reads the whole chunk blob for every row.) Unreadable rows and chunks are simply missing."""
+    found: dict[int, bytes] = {}
+    locations = {}
+    result = TableResult("image_embeddings_rowids")
+    try:
+        cur = src.execute('SELECT rowid, chunk_id, chunk_offset FROM "image_embeddings_rowids" ORDER BY rowid')
+        for rowid, chunk, offset in cur:
+            if rowid in wanted:
+                locations[rowid] = (chunk, offset)
+    except store.SQLITE_ERRORS as exc:
+        if not _is_damage(exc) and "no such" not in str(exc):
+            raise
+        result.error = str(exc)
+    by_chunk: dict = {}
+    for rowid, (chunk, offset) in locations.items():
+        by_chunk.setdefault(chunk, []).append((rowid, offset))
+    size = 4 * dim
+    for chunk, members in by_chunk.items():
+        try:
+            row = src.execute('SELECT vectors FROM "image_embeddings_vector_chunks00" WHERE rowid = ?',
+                              (chunk,)).fetchone()
+        except store.SQLITE_ERRORS as exc:
+            if not _is_damage(exc) and "no such" not in str(exc):
+                raise
+            continue
+        if row is None or row[0] is None:
+            continue
+        blob = bytes(row[0])
+        for rowid, offset in members:
+            if offset is not None and 0 <= offset and (offset + 1) * size <= len(blob):
+                found[rowid] = blob[offset * size:(offset + 1) * size]
+    return found
+
+
 def _copy_vectors(src, dst, dim: int, report: Recovery) -> None:
     try:
         ok_ids = [r[0] for r in dst.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id")]
     except store.SQLITE_ERRORS:
         return
-    found: dict[int, bytes] = {}
-    try:  # fast path: one scan
-        wanted = set(ok_ids)
-        for image_id, blob in src.execute("SELECT image_id, embedding FROM image_embeddings"):
-            if image_id in wanted:
-                found[image_id] = blob
-    except store.SQLITE_ERRORS as exc:
-        if not _is_damage(exc) and "no such" not in str(exc):
-            raise
-        for image_id in ok_ids:  # one by one: each vector that can be read
-            if image_id in found:
-                continue
-            try:
-                row = src.execute("SELECT embedding FROM image_embeddings WHERE image_id = ?", (image_id,)).fetchone()
-            except store.SQLITE_ERRORS as exc2:
-                if not _is_damage(exc2) and "no such" not in str(exc2):
-                    raise
-                continue
-            if row is not None:
-                found[image_id] = row[0]
+    found = _shadow_vectors(src, set(ok_ids), dim)
+    for image_id in ok_ids:  # what the shadow tables did not give (or gave wrong): through vec0, one by one
+        if _unit_vector(found.get(image_id), dim) is not None:
+            continue
+        try:
+            row = src.execute("SELECT embedding FROM image_embeddings WHERE image_id = ?", (image_id,)).fetchone()
+        except store.SQLITE_ERRORS as exc:
+            if not _is_damage(exc) and "no such" not in str(exc):
+                raise
+            continue
+        if row is not None:
+            found[image_id] = row[0]
     for image_id in ok_ids:
         blob = _unit_vector(found.get(image_id), dim)
         if blob is None:
