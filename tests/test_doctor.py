@@ -650,6 +650,33 @@ def table_leaves_index(db: Path, index: str) -> list[tuple[int, list]]:
     return pages
 
 
+def test_recover_keeps_only_usable_vectors_and_marks_the_others_for_fetching_again(tmp_path):
+    """Garbage inside one stored vector (the page structure intact: SQLite reads it without complaint): recovery
+    copies every other vector bit for bit and marks that row to be fetched again by the next plain ingest."""
+    from retrieval.recover import recover
+
+    db = build_gallery(tmp_path)
+    vecs = ok_vectors(db)
+    conn = store.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = db.read_bytes()
+    assert data.count(vecs[3]) == 1
+    at = data.index(vecs[3])
+    with open(db, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * len(vecs[3]))  # NaNs
+    result = recover(db, tmp_path / "new.db")
+    assert result.vectors_lost == [3] and result.vectors_copied == N_OK - 1
+    new = tmp_path / "new.db"
+    now = ok_vectors(new)
+    assert now == {i: v for i, v in vecs.items() if i != 3}
+    r3 = row(new, 3)
+    assert r3["status"] == "failed" and r3["error"] == D.VECTOR_MISSING and refetched_by_plain_ingest(new, 3)
+    assert all(row(new, i) == row(db, i) for i in range(4, 12))
+    assert D.examine(new).healthy
+
+
 def test_recover_refuses_an_existing_target_and_a_file_with_an_unreadable_schema(tmp_path):
     db = build_gallery(tmp_path)
     (tmp_path / "taken.db").write_bytes(b"keep me")
