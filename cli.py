@@ -395,7 +395,12 @@ def ingest(
     else:
         encoder = load_encoder(weights_path, settings)
         encoder._sha256 = sha
-    conn = store.connect(db_path)
+    try:
+        conn = store.connect(db_path)
+    except DatabaseError as exc:  # e.g. a migration waiting for another program's lock
+        if dbopen.is_lock(exc):
+            raise dbopen.locked_error(db_path, exc) from None
+        raise
     progress = _Progress(not quiet, progress_every)
     try:
         if csv is not None:
@@ -403,8 +408,6 @@ def ingest(
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
     except SQLITE_ERRORS as exc:  # e.g. the disk filled up: what was committed stays, the next run resumes
-        from retrieval import dbopen
-
         if dbopen.is_damage(exc) or dbopen.is_lock(exc):
             raise dbopen.explain(db_path, exc) from exc
         raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc

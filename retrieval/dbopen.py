@@ -126,9 +126,17 @@ def _raw_readonly(path: Path, immutable: bool = False):
 
 def inspect_file(path) -> FileInfo:
     """What the file at ``path`` is, read without writing anything (no -wal: immutable, else mode=ro)."""
+    info = _inspect(Path(path), immutable=not Path(str(path) + "-wal").exists())
+    if info.kind == "damaged":
+        # an immutable read takes no lock: it may have caught another process creating the file. Look again,
+        # this time with SQLite's locks.
+        info = _inspect(Path(path), immutable=False)
+    return info
+
+
+def _inspect(path: Path, immutable: bool) -> FileInfo:
     from . import store
 
-    path = Path(path)
     if not path.exists():
         return FileInfo(path, "missing", "no such file")
     try:
@@ -142,8 +150,6 @@ def inspect_file(path) -> FileInfo:
     if _header(path) != SQLITE_HEADER:
         return FileInfo(path, "not-sqlite", "not a SQLite database (no SQLite header)")
     # no -wal beside it: nobody has it open for writing now; immutable=1 reads without creating -wal/-shm
-    wal = Path(str(path) + "-wal")
-    immutable = not wal.exists()
     try:
         conn = _raw_readonly(path, immutable)
     except store.SQLITE_ERRORS as exc:

@@ -223,6 +223,11 @@ def recover(source, target, *, time_limit: float = 3600.0) -> Recovery:
     with open(source, "rb") as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
             raise DatabaseError(f"{source}: not a SQLite database (no SQLite header): nothing to recover")
+    from .dbopen import inspect_file
+
+    info = inspect_file(source)
+    if info.kind in ("foreign", "empty-sqlite"):
+        raise DatabaseError(f"{source}: {info.what}: nothing to recover")
     deadline = time.monotonic() + time_limit
     src = _raw_readonly(source)
     try:
