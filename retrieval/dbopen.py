@@ -28,7 +28,7 @@ from .errors import DatabaseError, InputError
 SQLITE_HEADER = b"SQLite format 3\x00"
 # the columns every gallery's images table has had since 0001 (a foreign images table lacks them)
 GALLERY_IMAGE_COLUMNS = {"url", "url_hash", "status", "content_sha256"}
-DAMAGE_WORDS = ("malformed", "corrupt", "not a database", "disk i/o error")
+DAMAGE_WORDS = ("malformed", "corrupt", "not a database")
 LOCK_WORDS = ("database is locked", "database table is locked", "busy")
 
 

@@ -78,7 +78,7 @@ class Recovery:
                 ranges = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in t.lost_ranges[:5])
                 lost = f"; unreadable rowids {ranges}{', ...' if len(t.lost_ranges) > 5 else ''}"
             dropped = f"; {t.dropped} dropped (constraint)" if t.dropped else ""
-            out.append(f"  {t.name}: {t.copied} rows{lost}{dropped}")
+            out.append(f"  {t.name}: {t.copied} row{'' if t.copied == 1 else 's'}{lost}{dropped}")
         lost = len(self.vectors_lost)
         out.append(f"  vectors: {self.vectors_copied} copied" + (
             f"; {lost} unreadable (ids {', '.join(map(str, self.vectors_lost[:5]))}{', ...' if lost > 5 else ''}: "
