@@ -2,7 +2,7 @@
 
 The only module that turns the library's exceptions into messages and exit codes:
 exit 0 success, 1 a check that ran and failed (``verify``), 2 bad input (one line on stderr naming it),
-130 interrupted.
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
