@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -63,6 +65,7 @@ class IngestOptions:
     queue_size: int = 64  # decoded images waiting for the encoder
     # downloads in flight plus preprocessed images waiting for the encoder, together (MiB; see fetch.MemoryBudget)
     memory_mb: float = 1024
+    files_root: Path | None = None  # local files may be read from here (default: the CSV's or --dir's folder)
 
     def __post_init__(self):
         if not 1 <= self.workers <= 256:
@@ -165,7 +168,25 @@ def count_lines(path) -> int:
     return n
 
 
-def local_item(path: Path, meta: dict | None = None) -> Item:
+def inside(path, root) -> bool:
+    """Whether ``path`` (already resolved) is ``root`` (resolved) or lies under it."""
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def outside_error(name, root) -> str:
+    return (f"outside-folder: {name} is not inside {root} (local files are read only from the CSV's or --dir's "
+            "folder; --files-root DIR names another)")
+
+
+def local_item(path: Path, meta: dict | None = None, root: Path | None = None) -> Item:
+    """A local file as an item keyed by its path. With ``root``: a path that resolves (symlinks followed) outside
+    ``root`` is a failed item, and nothing about the file (not even its mtime) is looked at."""
+    if root is not None and not inside(os.path.realpath(path), root):
+        return Item(url=str(path), url_hash=store.url_hash(str(path)), meta=meta, error=outside_error(path, root))
     try:
         mtime = path.stat().st_mtime_ns
     except OSError:
@@ -173,17 +194,65 @@ def local_item(path: Path, meta: dict | None = None) -> Item:
     return Item(url=str(path), url_hash=store.url_hash(str(path)), mtime=mtime, meta=meta, local=True)
 
 
-def csv_items(path, rows=None) -> Iterator[Item]:
-    """CSV rows as items. A cell with no scheme that names an existing file (relative to the CSV's
-    folder, or absolute) is a local image. A row with a bad or missing URL becomes a failed item,
-    keyed by its line when it has no URL at all. ``rows``: the CSV already opened (read_rows)."""
+def read_local_bytes(path, root: Path | None, max_bytes: int) -> bytes:
+    """The bytes of a local image file, or ImageError with a reason tag and nothing read from anything that is
+    not a regular file inside ``root`` (symlinks resolved): ``outside-folder``, ``not-a-file`` (a FIFO, device,
+    socket or folder: opened non-blocking and checked with fstat before any read), ``too-large`` (by its size,
+    before reading; a file that grows while read is stopped at the limit), ``unreadable``."""
+    real = os.path.realpath(path)
+    if root is not None and not inside(real, root):
+        raise ImageError(path, outside_error(path, root), "outside-folder")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)  # O_NOFOLLOW: the resolved name must not have become a symlink since
+    except OSError as exc:
+        raise ImageError(path, f"cannot open it ({exc.strerror or exc})", "unreadable") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                    or stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise ImageError(path, f"{kind}, not a regular file: not read", "not-a-file")
+        if st.st_size > max_bytes:
+            raise ImageError(path, f"{st.st_size} bytes, more than the {max_bytes}-byte limit (--max-mb): not read",
+                             "too-large")
+        os.set_blocking(fd, True)
+        parts, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise ImageError(path, f"more than the {max_bytes}-byte limit (--max-mb)", "too-large")
+        return b"".join(parts)
+    except OSError as exc:
+        raise ImageError(path, f"cannot read it ({exc.strerror or exc})", "unreadable") from None
+    finally:
+        os.close(fd)
+
+
+def csv_items(path, files_root=None, rows=None) -> Iterator[Item]:
+    """CSV rows as items. A cell with no scheme that names an existing file (relative to the CSV's folder, or
+    absolute) is a local image, if it resolves (symlinks followed) inside the CSV's folder, or inside
+    ``files_root`` when given; any other path is a failed item (``outside-folder``), with nothing about the file
+    looked at. A row with a bad or missing URL becomes a failed item, keyed by its line when it has no URL at all.
+    ``rows``: the CSV already opened (read_rows)."""
     folder = Path(path).resolve().parent
+    root = Path(files_root).resolve() if files_root is not None else folder
     with (rows if rows is not None else read_rows(path)) as rows:
         for row in rows:
             if row.error and row.error.startswith("invalid-url") and "://" not in row.url:
                 local = folder / row.url
-                if local.is_file():
-                    yield local_item(local.resolve(), row.meta)
+                real = Path(os.path.realpath(local))
+                if not inside(real, root):
+                    yield Item(url=str(local), url_hash=store.url_hash(str(local)), meta=row.meta,
+                               error=outside_error(row.url, root))
+                    continue
+                if local.is_file() or (local.exists() and not local.is_dir()):
+                    yield local_item(real, row.meta)
                     continue
                 row.error = "invalid-url: neither an http(s) URL nor an existing file"
             url = row.url or f"csv:{folder / Path(path).name}:{row.line}"
@@ -192,16 +261,18 @@ def csv_items(path, rows=None) -> Iterator[Item]:
                        fetch_url=url if shown != url else None)
 
 
-def dir_items(folder) -> Iterator[Item]:
-    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by absolute path."""
+def dir_items(folder, files_root=None) -> Iterator[Item]:
+    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by absolute path. A name
+    that resolves outside the folder (a symlink out; or outside ``files_root`` when given) is a failed item."""
     root = Path(folder).resolve()
+    confine = Path(files_root).resolve() if files_root is not None else root
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath) / name
-            yield local_item(path, {"relative_path": str(path.relative_to(root))})
+            yield local_item(path, {"relative_path": str(path.relative_to(root))}, confine)
 
 
 # ---------------------------------------------------------------- producer
@@ -214,8 +285,9 @@ class _Fatal(Exception):
     """Carries an error that must end the run (not a bad row): e.g. the images folder is not writable."""
 
 
-def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
-    """Write the original bytes as images_dir/ab/abcdef....ext, atomically; existing files are kept."""
+def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path, written: set | None = None) -> Path:
+    """Write the original bytes as images_dir/ab/abcdef....ext, atomically; existing files are kept. A file
+    written here is added to ``written`` (the run removes those no row refers to when it stops)."""
     ext = EXTENSIONS.get(fmt, "." + fmt.lower() if fmt else ".bin")
     dest = images_dir / sha[:2] / (sha + ext)
     if dest.exists():
@@ -228,6 +300,8 @@ def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+        if written is not None:
+            written.add(dest)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -235,7 +309,7 @@ def _store_original(data: bytes, sha: str, fmt: str, images_dir: Path) -> Path:
 
 
 def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_dir: Path,
-             holder_of: Callable[[str], int | None]) -> Item:
+             holder_of: Callable[[str], int | None], written: set | None = None) -> Item:
     """Decode and preprocess ``data`` into ``item`` (pixels and info), or set its error; bytes the
     gallery already holds (``holder_of(sha256)`` finds the ok row) make it a duplicate, not decoded."""
     sha = hashlib.sha256(data).hexdigest()
@@ -254,7 +328,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
     item.info.update(width=img.width, height=img.height, format=img.format)
     if images_dir is not None:
         try:
-            stored = _store_original(data, sha, img.format or "", images_dir)
+            stored = _store_original(data, sha, img.format or "", images_dir, written)
         except OSError as exc:
             raise _Fatal(f"{images_dir}: cannot store images there ({exc.strerror or exc})") from exc
         try:
@@ -265,8 +339,37 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
     return item
 
 
+def remove_uncommitted(conn, written, db_dir: Path, run_id: int) -> list[Path]:
+    """After a run stopped early: delete the originals it stored that no row refers to (their rows were never
+    committed), unless another ingest is running on the gallery (it may be about to commit a row naming one).
+    Best effort: anything left is reported by ``doctor`` (orphan_files) and removed by ``doctor --repair``."""
+    removed = []
+    try:
+        for r in conn.execute("SELECT id, pid, host FROM runs WHERE status = 'running' AND id != ?", (run_id,)):
+            if r["pid"] is None or r["host"] != socket.gethostname() or store._pid_alive(int(r["pid"])):
+                return removed
+        for path in sorted(written):
+            names = {str(path)}
+            try:
+                names.add(str(Path(path).relative_to(db_dir)))
+            except ValueError:
+                pass
+            marks = ", ".join("?" * len(names))
+            if conn.execute(f"SELECT 1 FROM images WHERE path IN ({marks}) LIMIT 1", tuple(names)).fetchone():
+                continue
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    except store.SQLITE_ERRORS:
+        pass
+    return removed
+
+
 def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestOptions, out: queue.Queue,
-             stop: threading.Event, images_dir: Path, fetcher: Fetcher, budget: MemoryBudget | None = None):
+             stop: threading.Event, images_dir: Path, fetcher: Fetcher, budget: MemoryBudget | None = None,
+             local_root: Path | None = None, written: set | None = None):
     """Producer thread body: everything up to encoding. Puts Items, then None (done) or an exception.
 
     ``fetcher`` belongs to the main thread, which closes it when the run stops: downloads in flight are
@@ -339,9 +442,9 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def read_local(item: Item) -> Item:
         try:
-            data = Path(item.url).read_bytes()
-        except OSError as exc:
-            item.error = f"unreadable: {exc.strerror or exc}"
+            data = read_local_bytes(item.url, local_root, options.fetch.max_bytes)
+        except ImageError as exc:
+            item.error = f"{exc.reason}: {exc.problem}"
             return item
         return _prepare(item, data, route, None, db_dir, holder_of)
 
@@ -361,7 +464,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 else:
                     data, res.data = res.data, None
                     try:
-                        prepared = _prepare(item, data, route, images_dir, db_dir, holder_of)
+                        prepared = _prepare(item, data, route, images_dir, db_dir, holder_of, written)
                     finally:
                         del data
                         res.release()  # the download's bytes are gone: back to the budget
@@ -384,13 +487,16 @@ def _tag(error: str) -> str:
 
 def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encoder, options: IngestOptions, *,
         total: int | None = None,
-        progress: Callable[[Summary], None] | None = None, column: tuple | None = None) -> Summary:
+        progress: Callable[[Summary], None] | None = None, column: tuple | None = None,
+        local_root: Path | None = None) -> Summary:
     """Ingest ``source`` into the gallery at ``conn``; returns the run's summary.
 
     KeyboardInterrupt stops the run cleanly: what was committed stays, the run is recorded as
     interrupted, and the exception propagates.
     """
-    store.ensure_model(conn, encoder.record())
+    lazy = encoder if hasattr(encoder, "get") else None  # a LazyEncoder: the model is loaded on first use
+    if lazy is None:
+        store.ensure_model(conn, encoder.record())
     images_dir = Path(options.images_dir or default_images_dir(db_path))
     summary = Summary(source=source_name, total=total)
     summary.url_column, summary.url_column_how = column or (None, None)
@@ -399,9 +505,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     out: queue.Queue = queue.Queue(maxsize=options.queue_size)
     stop = threading.Event()
     budget = MemoryBudget(max(1, int(options.memory_mb * 2**20)))
+    written: set = set()  # originals this run stored (the producer adds; read after it has stopped)
     fetcher = Fetcher(options.fetch, workers=options.workers, budget=budget)
     producer = threading.Thread(target=_produce, name="ingest-producer", daemon=True,
-                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher, budget))
+                                args=(source, db_path, encoder, options, out, stop, images_dir, fetcher, budget,
+                                      local_root, written))
     buckets: dict[tuple, list[Item]] = {}  # decoded items by pixel shape, waiting to be encoded
     others: list[Item] = []  # failures and duplicates: no encoding, committed with the next batch
     # content of the items in buckets -> later items with the same bytes (other URLs): not encoded, recorded
@@ -422,7 +530,10 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         nonlocal last_commit
         outcomes = []
         if items:
-            feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
+            if lazy is not None and not lazy.loaded:
+                store.ensure_model(conn, lazy.get().record())
+            enc = lazy.get() if lazy is not None else encoder
+            feats = l2_normalise(encode_pixels(enc, [x.pixels for x in items]))  # (n, D)
             for x in items:
                 x.pixels = None
                 unreserve(x)
@@ -519,6 +630,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         stop.set()
         fetcher.close()  # aborts downloads in flight (Ctrl-C must not wait for a hung server)
         producer.join(timeout=30)
+        if status != "completed" and not producer.is_alive():
+            remove_uncommitted(conn, written, Path(db_path).resolve().parent, summary.run_id)
         summary.seconds = time.monotonic() - started
         summary.status = status
         summary.memory_peak = budget.peak
@@ -536,15 +649,17 @@ def ingest_csv(conn, db_path, csv_path, encoder: Encoder, options: IngestOptions
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such CSV file")
     total = max(0, count_lines(csv_path) - 1)
+    root = Path(options.files_root or csv_path.resolve().parent).resolve()
     rows = read_rows(csv_path, url_column=url_column)
-    return run(conn, db_path, csv_items(csv_path, rows), str(csv_path), encoder, options, total=total,
-               progress=progress, column=(rows.url_column, rows.url_column_how))
+    return run(conn, db_path, csv_items(csv_path, root, rows), str(csv_path), encoder, options, total=total,
+               progress=progress, column=(rows.url_column, rows.url_column_how), local_root=root)
 
 
 def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, *, progress=None) -> Summary:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
-    total = sum(1 for _ in dir_items(folder))
-    return run(conn, db_path, dir_items(folder), str(folder.resolve()), encoder, options, total=total,
-               progress=progress)
+    root = Path(options.files_root or folder).resolve()
+    total = sum(1 for _ in dir_items(folder, root))
+    return run(conn, db_path, dir_items(folder, root), str(folder.resolve()), encoder, options, total=total,
+               progress=progress, local_root=root)

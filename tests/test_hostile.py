@@ -971,6 +971,236 @@ def test_100k_rows_memory_stays_flat(http_server, env, tmp_path):
     assert peaks[100_000] <= peaks[10_000] + 30 * 1024, peaks  # KB: +30 MB at most for 10x the rows
 
 
+# ---------------------------------------------------------------- local files (issue 10): confinement, only regular files
+
+
+LOCAL_EXPECTED = {
+    "local-file": "ok",
+    "local-outside-folder": "failed: outside-folder",
+    "local-fifo": "failed: not-a-file",
+    "local-device": "failed: not-a-file",
+    "local-huge-sparse": "failed: too-large",
+}
+
+
+@pytest.fixture(scope="module")
+def local_run(env, tmp_path_factory):
+    """A CSV naming local files (in its folder, outside it by every route, a FIFO, a sparse file of up to 16 TB), then
+    ``--dir`` on the same folder with --files-root / (a FIFO and a symlink to /dev/zero named *.jpg): each run
+    must end (no hang, no MemoryError) with every row recorded."""
+    top = tmp_path_factory.mktemp("local")
+    folder, outside = top / "data", top / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "good.png").write_bytes(png_of(picture(900)))
+    (folder / "sub" / "other.png").write_bytes(png_of(picture(901)))
+    (outside / "secret.png").write_bytes(png_of(picture(902)))  # an image: must not end up ok
+    (outside / "secret.txt").write_text("password=hunter2\n")
+    (folder / "link-out.png").symlink_to(outside / "secret.png")
+    (folder / "link-in.png").symlink_to(folder / "sub" / "other.png")
+    os.mkfifo(folder / "pipe.jpg")
+    with open(folder / "huge.png", "wb") as f:  # sparse: as large as this file system allows, from 16 TB down
+        for exp in (44, 42, 40, 38, 36, 34):
+            try:
+                f.truncate(2 ** exp)
+                break
+            except OSError:
+                continue
+    cases = {
+        "local-file": ["good.png", "sub/other.png"],
+        "local-outside-folder": ["/etc/passwd", "../outside/secret.txt", str(outside / "secret.png"),
+                                 "link-out.png", "/proc/self/environ", "../../../../../../etc/hostname"],
+        "local-fifo": ["pipe.jpg"],
+        "local-huge-sparse": ["huge.png"],
+    }
+    csv = folder / "files.csv"
+    csv.write_text("path,title\n" + "".join(f"{cell},{name} {i}\n" for name, cells in cases.items()
+                                            for i, cell in enumerate(cells)))
+    db = top / "g.db"
+    summary, _ = ingest_ok(env, csv, db, "--max-mb", MAX_MB, timeout=60)
+    rows = rows_by_url(db)
+    # --dir over the same folder, every file allowed (--files-root /): the FIFO and the device are still refused
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    db2 = top / "dir.db"
+    p = subprocess.run([sys.executable, "cli.py", "ingest", "--dir", str(folder), "--db", str(db2), "--files-root",
+                        "/", "--max-mb", str(MAX_MB), "--json", "-q"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    dir_summary = json.loads(p.stdout)
+    return {"cases": cases, "rows": rows, "summary": summary, "db": db, "folder": folder, "outside": outside,
+            "dir_rows": rows_by_url(db2), "dir_summary": dir_summary}
+
+
+def local_observed(run) -> dict:
+    by_title = {json.loads(r["meta"])["title"]: r for r in run["rows"].values() if r["meta"]}
+    outs: dict[str, set] = {}
+    for name, cells in run["cases"].items():
+        for i, _ in enumerate(cells):
+            outs.setdefault(name, set()).add(outcome(by_title.get(f"{name} {i}")))
+    dir_rows = {Path(u).name: r for u, r in run["dir_rows"].items()}
+    outs.setdefault("local-fifo", set()).add(outcome(dir_rows.get("pipe.jpg")))
+    outs.setdefault("local-device", set()).add(outcome(dir_rows.get("zero.jpg")))
+    outs.setdefault("local-huge-sparse", set()).add(outcome(dir_rows.get("huge.png")))
+    for name, o in outs.items():
+        assert len(o) == 1, (name, o)
+    return {name: o.pop() for name, o in outs.items()}
+
+
+def test_local_files_are_confined_and_only_regular_files_are_read(local_run):
+    assert local_observed(local_run) == LOCAL_EXPECTED
+    by_title = {json.loads(r["meta"])["title"]: r for r in local_run["rows"].values() if r["meta"]}
+    for i, cell in enumerate(local_run["cases"]["local-outside-folder"]):
+        r = by_title[f"local-outside-folder {i}"]
+        # nothing about the file is stored: no size, no hash, no mtime, no dimensions
+        assert (r["bytes"], r["content_sha256"], r["mtime"], r["width"], r["path"]) == (None,) * 5, r
+        assert "--files-root" in r["error"]
+    assert not any("hunter2" in (r["error"] or "") for r in local_run["rows"].values())
+    huge = by_title["local-huge-sparse 0"]
+    assert huge["bytes"] is None and huge["content_sha256"] is None and "not read" in huge["error"]
+    assert local_run["dir_summary"]["status"] == "completed"
+    dir_rows = {Path(u).name: r for u, r in local_run["dir_rows"].items()}
+    # with --files-root / the symlink out is read; the symlink in is a copy of other.png
+    assert {n for n, r in dir_rows.items() if r["status"] == "ok"} == {"good.png", "link-in.png", "link-out.png"}
+    assert dir_rows["other.png"]["status"] == "duplicate"
+    assert "FIFO" in dir_rows["pipe.jpg"]["error"] and "device" in dir_rows["zero.jpg"]["error"]
+
+
+def test_files_root_names_another_folder_to_read_from(local_run, env, tmp_path):
+    folder, outside = local_run["folder"], local_run["outside"]
+    csv = folder / "outside.csv"
+    csv.write_text("path\n../outside/secret.png\n")
+    db = tmp_path / "g.db"
+    s, _ = ingest_ok(env, csv, db, "--files-root", folder.parent)
+    assert s["new"] == 1, s
+    (row,) = rows_by_url(db).values()
+    assert row["status"] == "ok" and row["url"] == str((outside / "secret.png").resolve())
+
+
+# ---------------------------------------------------------------- databases that are not (usable) galleries (issue 10)
+
+
+def run_main(*args, extra_env: dict | None = None) -> tuple[int, str]:
+    """``cli.main()`` in this process (so a test can shorten the busy timeout): (exit code, stderr)."""
+    import contextlib
+
+    import cli as C
+
+    err = io.StringIO()
+    saved_argv, saved_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["cli.py", *map(str, args)]
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+            for k, v in (extra_env or {}).items():
+                mp.setenv(k, v)
+            try:
+                C.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_term)
+    return code, err.getvalue()
+
+
+def _one_line_exit(code: int, err: str, *words: str) -> str:
+    """``exit N`` when stderr is one "Error:" line holding every word (and no traceback), else what happened."""
+    lines = err.strip().splitlines()
+    if len(lines) == 1 and lines[0].startswith("Error: ") and all(w in lines[0] for w in words):
+        return f"exit {code}"
+    return f"exit {code}: {err!r}"
+
+
+DB_EXPECTED = {"not-a-gallery": "exit 2", "damaged-database": "exit 2", "database-locked": "exit 2",
+               "older-schema": "exit 2"}
+
+
+@pytest.fixture(scope="module")
+def db_run(weights, tmp_path_factory):
+    """{case: outcome} for the database cases of the README table, each observed through cli.main()."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("dbs")
+    weights_env = {"DINOV2_WEIGHTS": str(weights), "DINOV2_OFFLINE": "1", "DINOV2_CACHE": str(root / "cache")}
+    seen, digests_kept = {}, True
+
+    # not a gallery: an unrelated SQLite file, a 0-byte file, a foreign images table -- refused, left unchanged
+    outs = set()
+    for name, make, words in (
+            ("other.db", lambda c: c.execute("CREATE TABLE notes (body TEXT)"), "not a gallery database"),
+            ("zero.db", None, "empty file"),
+            ("foreign.db", lambda c: c.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT)"),
+             "images table is not a gallery's")):
+        path = root / name
+        if make is None:
+            path.write_bytes(b"")
+        else:
+            conn = sqlite3.connect(path)
+            make(conn)
+            conn.commit()
+            conn.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        for command in (("stats",), ("query", "--id", "1"), ("doctor",)):
+            outs.add(_one_line_exit(*run_main(*command, "--db", path), words))
+        digests_kept &= hashlib.sha256(path.read_bytes()).hexdigest() == before
+    seen["not-a-gallery"] = outs.pop() if len(outs) == 1 and digests_kept else f"{outs} unchanged={digests_kept}"
+
+    # a gallery with a page of garbage in its images table: a query and ingest give one line, ingest writes nothing
+    # (stats may still answer: its counts come from an index)
+    folder = root / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_of(picture(950)))
+    gallery = root / "damaged.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env)
+    assert code == 0, err
+    conn = store.connect(gallery)
+    store.commit_batch(conn, [dict(status="failed", url=f"http://127.0.0.1:9/{i}", error="http-404: " + "x" * 200)
+                              for i in range(100)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root_page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'images'").fetchone()[0]
+    conn.close()
+    with open(gallery, "r+b") as f:
+        f.seek((root_page - 1) * 4096 + 12)
+        f.write(b"\xff" * (4096 - 12))
+    before = hashlib.sha256(gallery.read_bytes()).hexdigest()
+    (folder / "b.png").write_bytes(png_of(picture(951)))
+    outs = {_one_line_exit(*run_main("query", "--id", "1", "--db", gallery), "damaged", "--recover"),
+            _one_line_exit(*run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env),
+                           "damaged", "nothing was written", "--recover")}
+    kept = hashlib.sha256(gallery.read_bytes()).hexdigest() == before
+    seen["damaged-database"] = outs.pop() if len(outs) == 1 and kept else f"{outs} unchanged={kept}"
+
+    # locked by another program for longer than the busy timeout (shortened here from 30 s)
+    locked = root / "locked.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env)
+    assert code == 0, err
+    (folder / "c.png").write_bytes(png_of(picture(952)))
+    other = store.connect(locked)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(store, "BUSY_TIMEOUT_S", 0.5)
+            seen["database-locked"] = _one_line_exit(
+                *run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env),
+                "locked by another program")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+    # a gallery of an older schema that the reader cannot read as it is: the command that upgrades it
+    old = root / "old.db"
+    conn = store.connect(old, apply_migrations=False)
+    store.migrate(conn, upto=1)
+    conn.close()
+    seen["older-schema"] = _one_line_exit(*run_main("stats", "--db", old), "older",
+                                          f"python cli.py doctor --db {old} --repair")
+    return seen
+
+
+def test_databases_that_are_not_usable_galleries_get_one_line_and_stay_unchanged(db_run):
+    assert db_run == DB_EXPECTED
+
+
 # ---------------------------------------------------------------- the README table
 
 
@@ -996,9 +1226,10 @@ def readme_table() -> dict:
 
 
 def test_readme_bad_input_table(server_run, image_run, csv_run, untrusted_run, blocked_run, fairness_run,
-                                csv_kinds_run, http_server, env, tmp_path, noise_image):
+                                csv_kinds_run, local_run, db_run, http_server, env, tmp_path, noise_image):
     seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run), **untrusted_observed(untrusted_run),
-            **observed(blocked_run), **observed(fairness_run), **csv_kinds_run["seen"]}
+            **observed(blocked_run), **observed(fairness_run), **csv_kinds_run["seen"], **local_observed(local_run),
+            **db_run}
     # the images-folder rows: observed here (a fresh run) unless the parametrized test already ran
     for kind in ("not-a-directory", "full", "database-full"):
         if UNWRITABLE[kind][0] not in OBSERVED_ERRORS:
