@@ -33,6 +33,7 @@ from .decode import decode
 from .encoder import Encoder, encode_pixels, l2_normalise
 from .errors import ConfigError, ImageError, InputError
 from .fetch import FetchConfig, Fetcher, fetch_many
+from .lifecycle import gallery_dir, local_key
 from .preprocess import preprocess
 
 # Failures a later run may retry (up to max_attempts): the server or network may recover.
@@ -41,6 +42,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".b
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".jp2", ".qoi"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 CHUNK = 256  # rows looked up in the gallery at a time
+MTIME_TOLERANCE = 1e-6  # seconds: stored mtimes are floats (older galleries' nanoseconds were divided by 1e9)
 
 
 def is_transient(error: str | None) -> bool:
@@ -59,6 +61,7 @@ class IngestOptions:
     images_dir: Path | None = None  # where downloaded originals go (default: <db stem>_images beside the db)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     queue_size: int = 64  # decoded images waiting for the encoder
+    copy_originals: bool = False  # local files: store a copy under images_dir too (else the file is the original)
 
     def __post_init__(self):
         if not 1 <= self.workers <= 256:
@@ -104,13 +107,14 @@ class Item:
     url: str
     url_hash: str
     meta: dict | None = None
-    mtime: int | None = None
+    mtime: float | None = None  # local files: st_mtime in seconds (float)
     http_status: int | None = None
     error: str | None = None  # set: record as failed
     pixels: np.ndarray | None = None  # set: encode and record as ok
     info: dict = field(default_factory=dict)  # content_sha256, width, height, format, bytes, path
     skipped: int = 0  # a marker item that only counts skipped rows
-    local: bool = False  # url is a local file's absolute path: read it, don't fetch it
+    local: bool = False  # a local file (``file``): read it, don't fetch it
+    file: Path | None = None  # a local file's absolute path (``url`` is its key: relative to the gallery's folder)
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
 
     def row(self) -> dict:
@@ -132,7 +136,7 @@ def _skip(known: dict | None, options: IngestOptions, mtime: int | None = None) 
     """Whether a row the gallery already holds needs no work (and no network request)."""
     if known is None:
         return False
-    if mtime is not None and known["mtime"] != mtime:
+    if mtime is not None and (known["mtime"] is None or abs(known["mtime"] - mtime) > MTIME_TOLERANCE):
         return False  # a local file that changed since it was read
     if known["status"] in ("ok", "duplicate"):
         return True
@@ -150,33 +154,45 @@ def count_lines(path) -> int:
     return n
 
 
-def local_item(path: Path, meta: dict | None = None) -> Item:
+def local_item(path: Path, meta: dict | None = None, base: Path | None = None) -> Item:
+    """A local file as an item, keyed by its path relative to ``base`` (the gallery's folder) when it lies
+    inside it, else by its absolute path; ``mtime`` in seconds."""
+    path = Path(path).resolve()
     try:
-        mtime = path.stat().st_mtime_ns
+        mtime = path.stat().st_mtime_ns / 1e9
     except OSError:
         mtime = None
-    return Item(url=str(path), url_hash=store.url_hash(str(path)), mtime=mtime, meta=meta, local=True)
+    key = local_key(path, base) if base is not None else str(path)
+    return Item(url=key, url_hash=store.url_hash(key), mtime=mtime, meta=meta, local=True, file=path)
 
 
-def csv_items(path) -> Iterator[Item]:
+def _cells(meta: dict | None) -> dict | None:
+    """A CSV row's other columns without its empty (blank) cells: an empty cell is no value."""
+    return {k: v for k, v in meta.items() if not (isinstance(v, str) and not v.strip())} if meta else None
+
+
+def csv_items(path, base: Path | None = None) -> Iterator[Item]:
     """CSV rows as items. A cell with no scheme that names an existing file (relative to the CSV's
-    folder, or absolute) is a local image. A row with a bad or missing URL becomes a failed item,
-    keyed by its line when it has no URL at all."""
+    folder, or absolute) is a local image (keyed relative to ``base``, see :func:`local_item`). A row
+    with a bad or missing URL becomes a failed item, keyed by its line when it has no URL at all.
+    Empty cells are left out of ``meta``."""
     folder = Path(path).resolve().parent
     with read_rows(path) as rows:
         for row in rows:
+            row.meta = _cells(row.meta)
             if row.error and row.error.startswith("invalid-url") and "://" not in row.url:
                 local = folder / row.url
                 if local.is_file():
-                    yield local_item(local.resolve(), row.meta)
+                    yield local_item(local.resolve(), row.meta, base)
                     continue
                 row.error = "invalid-url: neither an http(s) URL nor an existing file"
             url = row.url or f"csv:{folder / Path(path).name}:{row.line}"
             yield Item(url=url, url_hash=store.url_hash(url), meta=row.meta, error=row.error)
 
 
-def dir_items(folder) -> Iterator[Item]:
-    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by absolute path."""
+def dir_items(folder, base: Path | None = None) -> Iterator[Item]:
+    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by their path
+    relative to ``base`` (the gallery's folder) when inside it, else by absolute path."""
     root = Path(folder).resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -184,7 +200,7 @@ def dir_items(folder) -> Iterator[Item]:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath) / name
-            yield local_item(path, {"relative_path": str(path.relative_to(root))})
+            yield local_item(path, {"relative_path": str(path.relative_to(root))}, base)
 
 
 # ---------------------------------------------------------------- producer
@@ -303,11 +319,12 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def read_local(item: Item) -> Item:
         try:
-            data = Path(item.url).read_bytes()
+            data = Path(item.file or item.url).read_bytes()
         except OSError as exc:
             item.error = f"unreadable: {exc.strerror or exc}"
             return item
-        return _prepare(item, data, route, None, db_dir, holder_of)
+        item = _prepare(item, data, route, images_dir if options.copy_originals else None, db_dir, holder_of)
+        return item
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
@@ -474,7 +491,7 @@ def ingest_csv(conn, db_path, csv_path, encoder: Encoder, options: IngestOptions
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such CSV file")
     total = max(0, count_lines(csv_path) - 1)
-    return run(conn, db_path, csv_items(csv_path), str(csv_path), encoder, options, total=total, progress=progress)
+    return run(conn, db_path, csv_items(csv_path, gallery_dir(db_path)), str(csv_path), encoder, options, total=total, progress=progress)
 
 
 def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, *, progress=None) -> Summary:
@@ -482,5 +499,5 @@ def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, 
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     total = sum(1 for _ in dir_items(folder))
-    return run(conn, db_path, dir_items(folder), str(folder.resolve()), encoder, options, total=total,
+    return run(conn, db_path, dir_items(folder, gallery_dir(db_path)), str(folder.resolve()), encoder, options, total=total,
                progress=progress)
