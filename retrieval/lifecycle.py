@@ -226,9 +226,10 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
     ``store.search`` (ranks renumbered from 1).
 
     The nearest-neighbour part is ``store.search`` (so a faster index behind it is used), asked for more
-    neighbours until ``k`` of them pass or the gallery is exhausted. A selective filter (at most
-    :data:`EXACT_SCAN_MAX` matching rows, or fewer than the neighbours that would have to be asked for)
-    is answered by an exact scan of the matching rows with ``vec_distance_cosine`` instead."""
+    neighbours until ``k`` of them pass or the gallery is exhausted (it starts at the number that holds
+    ``k`` matches if matches are spread evenly, and doubles). A selective filter (at most
+    :data:`EXACT_SCAN_MAX` matching rows, or one that would need the whole gallery asked for) is answered
+    by an exact scan of the matching rows with ``vec_distance_cosine`` instead."""
     k = int(k)
     if k <= 0:
         raise ValueError(f"k must be positive, not {k}")
@@ -247,7 +248,7 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
             return []
     want = k + len(exclude)
     needed = math.ceil(want * n_vectors / n_match)  # neighbours to ask for, if matches are spread evenly
-    if where and (n_match <= EXACT_SCAN_MAX or n_match <= needed):
+    if where and (n_match <= EXACT_SCAN_MAX or needed >= n_vectors):
         return _exact_filtered(conn, vector, k, where, min_score, exclude)
     kk = min(n_vectors, max(want, math.ceil(needed * 1.25)))
     while True:
