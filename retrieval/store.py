@@ -2,7 +2,8 @@
 
 Layout (see ``migrations/*.sql`` for the columns):
 
-- ``images``: one row per image URL (or absolute local path), keyed by ``url_hash``, with status
+- ``images``: one row per image URL (or local file: its path relative to the gallery's folder when inside
+  it, else absolute; see ``lifecycle.local_key``), keyed by ``url_hash``, with status
   ``ok`` / ``failed`` / ``duplicate``;
 - ``image_embeddings``: a sqlite-vec ``vec0`` virtual table, ``image_id INTEGER PRIMARY KEY`` (=
   ``images.id``) and ``embedding float[D] distance_metric=cosine``. D depends on the model, so this
