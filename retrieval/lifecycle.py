@@ -516,20 +516,26 @@ def read_vectors(conn, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     return ids[:i][order], X[:i][order]
 
 
-def near_pairs(X: np.ndarray, threshold: float, block: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs(X: np.ndarray, threshold: float, block: int = 1024, tile: int = 4096
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair ``i < j`` of rows of ``X`` (L2-normalised float32) with cosine similarity >= threshold:
-    ``(i, j, score)``. A blocked matrix product over the upper triangle: memory ``block * n`` floats."""
+    ``(i, j, score)``. A blocked matrix product over the upper triangle, ``block`` rows against ``tile``
+    columns at a time (a 16 MB float32 tile: thresholded while it is still in cache)."""
     n = X.shape[0]
     I, J, S = [], [], []
     for a in range(0, n, block):
-        b = min(n, a + block)
-        sims = X[a:b] @ X[a:].T  # (b - a, n - a): rows a..b against rows a..n
-        r, c = np.nonzero(sims >= threshold)
-        keep = c > r  # the upper triangle of the diagonal block; the rest is all j > i already
-        r, c = r[keep], c[keep]
-        I.append(r + a)
-        J.append(c + a)
-        S.append(sims[r, c])
+        rows = X[a:a + block]
+        for c in range(a, n, tile):
+            sims = rows @ X[c:c + tile].T  # rows a.. against rows c..
+            hit = sims >= threshold
+            if not hit.any():
+                continue
+            r, col = np.nonzero(hit)
+            keep = col + c > r + a  # only i < j (the diagonal tiles hold both halves)
+            r, col = r[keep], col[keep]
+            I.append(r + a)
+            J.append(col + c)
+            S.append(sims[r, col])
     if not I:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(I).astype(np.int64), np.concatenate(J).astype(np.int64), np.concatenate(S)
@@ -553,7 +559,7 @@ def _components(n: int, I: np.ndarray, J: np.ndarray) -> np.ndarray:
     return np.array([find(x) for x in range(n)])
 
 
-def dupes(conn, threshold: float = 0.95, *, block: int = 512) -> dict:
+def dupes(conn, threshold: float = 0.95, *, block: int = 1024) -> dict:
     """Groups of near-duplicate images: ``{threshold, groups: [{group, representative, size, images:
     [{id, url, path, status, score, duplicate_of}]}], images, seconds}``.
 

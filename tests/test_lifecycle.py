@@ -384,7 +384,7 @@ def test_dupes_on_planted_clusters(cli, tmp_path):
     assert sorted(sorted(m["id"] - 1 for m in g["images"]) for g in out["groups"]) == sorted(clusters)
     assert [g["size"] for g in out["groups"]] == [4, 3, 2]
     # the blocked product finds exactly the brute-force pairs whatever the block size
-    I, J, S = lifecycle.near_pairs(X, 0.95, block=64)
+    I, J, S = lifecycle.near_pairs(X, 0.95, block=64, tile=100)
     full = X @ X.T
     want = {(i, j) for i in range(n) for j in range(i + 1, n) if full[i, j] >= 0.95}
     assert set(zip(I.tolist(), J.tolist())) == want
