@@ -201,7 +201,9 @@ def matching_ids(conn, conditions, *, statuses=("ok",), among=None) -> list[int]
 
 # ---------------------------------------------------------------- filtered search
 
-EXACT_SCAN_MAX = 20_000  # at most this many matching rows: an exact scan over them, not a growing KNN
+# A filter matching at most this share of the gallery is answered by an exact scan of the matching rows (reading
+# one vector from vec0 costs about 16 times what sqlite-vec's KNN spends per row), not by a growing KNN
+EXACT_SCAN_SHARE = 1 / 16
 
 _FILTERED_SCAN_SQL = """
 SELECT images.id, images.url, images.path, 1.0 - vec_distance_cosine(e.embedding, :query) AS score,
@@ -227,9 +229,9 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
 
     The nearest-neighbour part is ``store.search`` (so a faster index behind it is used), asked for more
     neighbours until ``k`` of them pass or the gallery is exhausted (it starts at the number that holds
-    ``k`` matches if matches are spread evenly, and doubles). A selective filter (at most
-    :data:`EXACT_SCAN_MAX` matching rows, or one that would need the whole gallery asked for) is answered
-    by an exact scan of the matching rows with ``vec_distance_cosine`` instead."""
+    ``k`` matches if matches are spread evenly, and doubles). A selective filter (matching at most
+    :data:`EXACT_SCAN_SHARE` of the gallery, or one that would need more neighbours than a KNN query
+    answers) is answered by an exact scan of the matching rows with ``vec_distance_cosine`` instead."""
     k = int(k)
     if k <= 0:
         raise ValueError(f"k must be positive, not {k}")
@@ -248,7 +250,7 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
             return []
     want = k + len(exclude)
     needed = math.ceil(want * n_vectors / n_match)  # neighbours to ask for, if matches are spread evenly
-    if where and (n_match <= EXACT_SCAN_MAX or needed >= n_vectors):
+    if where and (n_match <= n_vectors * EXACT_SCAN_SHARE or needed > store.KNN_MAX_K or needed >= n_vectors):
         return _exact_filtered(conn, vector, k, where, min_score, exclude)
     kk = min(n_vectors, max(want, math.ceil(needed * 1.25)))
     while True:

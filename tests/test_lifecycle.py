@@ -295,16 +295,20 @@ def test_filtered_search_grows_the_knn_the_same_as_the_exact_scan(tagged, monkey
         me = by_url(tagged)["img/2.jpg"]["id"]
         q = store.get_vector(conn, me)
         where = [lifecycle.parse_where("tag=cat")]
-        exact = lifecycle.search(conn, q, 2, where=where, exclude={me})
+        exact = lifecycle._exact_filtered(conn, q, 2, where, None, {me})
         calls = []
         real = store.search
-        monkeypatch.setattr(lifecycle, "EXACT_SCAN_MAX", 0)
+        monkeypatch.setattr(lifecycle, "EXACT_SCAN_SHARE", 0)
         monkeypatch.setattr(store, "search", lambda c, v, k: calls.append(k) or real(c, v, k))
         grown = lifecycle.search(conn, q, 2, where=where, exclude={me})
         assert calls and calls[0] < 15  # asked for some neighbours first, not the whole gallery
         assert [(x["id"], x["rank"]) for x in grown] == [(x["id"], x["rank"]) for x in exact]
         assert [x["score"] for x in grown] == pytest.approx([x["score"] for x in exact], abs=1e-6)
         assert len(exact) == 2
+        monkeypatch.setattr(lifecycle, "EXACT_SCAN_SHARE", 1)  # every filter: the exact scan, no KNN
+        calls.clear()
+        assert [x["id"] for x in lifecycle.search(conn, q, 2, where=where, exclude={me})] == [x["id"] for x in exact]
+        assert calls == []
     finally:
         conn.close()
 
