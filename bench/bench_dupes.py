@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--sample", type=int, default=200, help="rows queried one by one for the per-row KNN estimate")
     ap.add_argument("--knn-k", type=int, default=10)
+    ap.add_argument("--no-faiss", action="store_true", help="skip the faiss comparison")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,9 +104,11 @@ def main() -> None:
               f"{len(vecs)} queries; {t_knn / t_dupes:.1f}x the blocked product")
 
         try:
+            if args.no_faiss:
+                raise ImportError
             import faiss
         except ImportError:
-            print("faiss: not installed, skipped")
+            print("faiss: skipped (--no-faiss, or not installed)")
         else:
             ids, X = lifecycle.read_vectors(conn)
             t = time.perf_counter()
