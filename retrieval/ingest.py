@@ -132,7 +132,7 @@ def default_images_dir(db_path) -> Path:
 # ---------------------------------------------------------------- sources
 
 
-def _skip(known: dict | None, options: IngestOptions, mtime: int | None = None) -> bool:
+def _skip(known: dict | None, options: IngestOptions, mtime: float | None = None) -> bool:
     """Whether a row the gallery already holds needs no work (and no network request)."""
     if known is None:
         return False
@@ -323,8 +323,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
         except OSError as exc:
             item.error = f"unreadable: {exc.strerror or exc}"
             return item
-        item = _prepare(item, data, route, images_dir if options.copy_originals else None, db_dir, holder_of)
-        return item
+        return _prepare(item, data, route, images_dir if options.copy_originals else None, db_dir, holder_of)
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
