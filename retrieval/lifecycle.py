@@ -413,7 +413,7 @@ def remove(conn, ids, db_path, *, dry_run: bool = False) -> Removal:
                             "height = coalesce(height, ?), format = coalesce(format, ?), bytes = coalesce(bytes, ?) "
                             "WHERE id = ?", (*tuple(o), heir))
                         result.promoted.append((image_id, heir))
-                    result.vectors += delete_vectors(conn, [image_id])
+                result.vectors += delete_vectors(conn, [image_id])  # any row's: none may outlive it
                 result.thumbnails += _delete_thumbnails(conn, [image_id])
                 conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
                 result.rows.append({"id": image_id, "url": r["url"], "status": r["status"]})
