@@ -342,6 +342,8 @@ def ingest(
     memory_mb: float = typer.Option(1024, "--memory-mb", help="Memory for downloads in flight plus decoded images waiting for the encoder, together, in MB."),
     url_column: Optional[str] = typer.Option(None, "--url-column", help="The CSV column holding the URLs (a header name or 1-based number). Default: the column whose cells look like URLs or image file names."),
     progress_every: float = typer.Option(10.0, "--progress-every", help="When stderr is not a terminal: a plain progress line every this many seconds (0: none)."),
+    prune: bool = typer.Option(False, "--prune", help="With --dir: remove the rows of files that are gone from the folder (their vectors, duplicates, thumbnails and stored copies follow)."),
+    copy_originals: bool = typer.Option(False, "--copy-originals", help="Local files: also store a copy in the gallery's images folder (by default the file itself is the original, recorded relative to the gallery's folder when inside it)."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -356,6 +358,8 @@ def ingest(
 
     if (csv is None) == (folder is None):
         raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
+    if prune and folder is None:
+        raise ConfigError("--prune works with --dir FOLDER (it removes the rows of files gone from it)")
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
@@ -377,7 +381,7 @@ def ingest(
         raise InputError(f"--files-root {files_root}: no such folder")
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
                               images_dir=images_dir, fetch=fetch, files_root=files_root,
-                              memory_mb=memory_mb)
+                              memory_mb=memory_mb, copy_originals=copy_originals)
     from retrieval import dbopen, store
     from retrieval.errors import ModelMismatchError
     from retrieval.lazyencoder import LazyEncoder, weights_sha256
@@ -431,10 +435,24 @@ def ingest(
         raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
     finally:
         progress.close()
+    extra, note = {}, None
+    if folder is not None:  # files recorded from this folder that are not there any more
+        from retrieval import lifecycle
+
+        gone = lifecycle.gone_files(conn, db_path, folder)
+        extra["gone"] = len(gone)
+        if prune:
+            removal = lifecycle.remove(conn, gone, db_path)
+            extra["pruned"] = removal.as_dict()
+            note = f"pruned {len(gone)} file{'s' * (len(gone) != 1)} gone from {folder}: {removal.summary()}"
+        elif gone:
+            note = f"{len(gone)} file{'s' * (len(gone) != 1)} gone from {folder}; --prune removes them"
     if as_json:
-        typer.echo(json.dumps({**summary.as_dict(), "db": str(db_path)}, indent=2))
+        typer.echo(json.dumps({**summary.as_dict(), **extra, "db": str(db_path)}, indent=2))
     else:
         typer.echo(_summary_line(summary, db_path))
+        if note:
+            typer.echo(note)
 
 
 @app.command()
@@ -448,6 +466,9 @@ def query(
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
     allow_private: bool = AllowPrivateOpt,
+    where: Optional[List[str]] = typer.Option(None, "--where", help="Only images whose metadata (the CSV's other columns) matches KEY OP VALUE, OP one of = != < <= > >= ~ (LIKE); numeric when VALUE is a number; repeatable, all must hold. E.g. --where tag=cat --where year>=2020."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Only results with at least this cosine similarity."),
+    include_self: bool = typer.Option(False, "--include-self", help="With --id: keep the query image (and rows holding the same bytes) in the results."),
 ):
     """Find the gallery images most like a query image (cosine similarity)."""
     import json
@@ -463,9 +484,18 @@ def query(
         raise ConfigError("give exactly one query: an image file, --url URL or --id N")
     if k < 1:
         raise ConfigError(f"-k {k}: expected a positive number")
+    from retrieval import lifecycle
+
+    conditions = [lifecycle.parse_where(w) for w in where or ()]
     db_path, conn = _open_db(db, readonly=True)
+    filtered = bool(conditions) or min_score is not None
     if image_id is not None:
-        results = Q.by_id(conn, image_id, k)
+        exclude = () if include_self else lifecycle.same_bytes(conn, image_id)
+        if filtered or exclude:
+            vector = Q.vector_of(conn, image_id)
+            results = lifecycle.search(conn, vector, k, where=conditions, min_score=min_score, exclude=exclude)
+        else:
+            results = Q.by_id(conn, image_id, k)
     else:
         model = Q.gallery_model(conn)
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
@@ -478,21 +508,92 @@ def query(
             img = decode(res.data, redact_url(url))
         else:
             img = open_path(image)
-        results = Q.by_image(conn, encoder, img, k)
+        if filtered:
+            results = lifecycle.search(conn, Q.vector_of_image(encoder, img), k, where=conditions,
+                                       min_score=min_score)
+        else:
+            results = Q.by_image(conn, encoder, img, k)
+    local = {r["id"]: bool(r["path"]) and r["path"] == r["url"] for r in results}  # a local file: url is its key
     for r in results:
         r["path"] = Q.display_path(r["path"], db_path)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
     if not results:
-        typer.echo("no results: the gallery holds no vectors")
+        typer.echo("no results: no image matches" if filtered else "no results: the gallery holds no vectors")
         return
-    typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  url, then the stored file")
+    typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  url, then the stored file and the metadata")
+    pad = f"{'':>4}  {'':>6}  {'':>6}"
     for r in results:
-        local = r["path"] and Path(r["path"]).resolve() == Path(r["url"]).resolve()
-        typer.echo(f"{r['rank']:>4}  {r['score']:6.4f}  {r['id']:>6}  {r['path'] if local else r['url']}")
-        if r["path"] and not local:
-            typer.echo(f"{'':>4}  {'':>6}  {'':>6}  {r['path']}")
+        typer.echo(f"{r['rank']:>4}  {r['score']:6.4f}  {r['id']:>6}  {r['path'] if local[r['id']] else r['url']}")
+        if r["path"] and not local[r["id"]]:
+            typer.echo(f"{pad}  {r['path']}")
+        if r["meta"]:
+            typer.echo(f"{pad}  " + ", ".join(f"{key}={value}" for key, value in r["meta"].items()))
+
+
+@app.command()
+def remove(
+    image_ids: Optional[List[int]] = typer.Option(None, "--id", help="An image's id; repeatable."),
+    urls: Optional[List[str]] = typer.Option(None, "--url", help="An image's URL, or a local file's path; repeatable."),
+    where: Optional[List[str]] = typer.Option(None, "--where", help="Metadata condition KEY OP VALUE (as in query); repeatable, all must hold."),
+    statuses: Optional[List[str]] = typer.Option(None, "--status", help="ok, failed or duplicate; repeatable (any of them)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; change nothing."),
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+):
+    """Remove images from the gallery, with their vectors, thumbnails and stored copies; a duplicate of a removed image takes over its vector.
+
+    --id and --url name rows (any of them); --where and --status narrow the selection (all must hold).
+    """
+    import json
+
+    from retrieval import lifecycle
+
+    conditions = [lifecycle.parse_where(w) for w in where or ()]
+    db_path, conn = _open_db(db, must_exist=True)
+    ids = lifecycle.find_rows(conn, db_path, ids=image_ids or (), urls=urls or (), where=conditions,
+                              statuses=statuses or ())
+    removal = lifecycle.remove(conn, ids, db_path, dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps(removal.as_dict(), indent=2, ensure_ascii=False))
+        return
+    if dry_run:
+        for r in removal.rows:
+            typer.echo(f"{r['id']:>6}  {r['status']:<9}  {r['url']}")
+        for f in removal.files:
+            typer.echo(f"{'':>6}  {'file':<9}  {f}")
+    typer.echo(removal.summary())
+
+
+@app.command()
+def dupes(
+    threshold: float = typer.Option(0.95, "--threshold", help="Cosine similarity from which two images count as near-duplicates."),
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the groups as JSON."),
+):
+    """Groups of near-duplicate images (connected components of pairs at or above --threshold; exact copies included)."""
+    import json
+
+    from retrieval import lifecycle
+    from retrieval import query as Q
+
+    db_path, conn = _open_db(db, readonly=True)
+    found = lifecycle.dupes(conn, threshold)
+    for g in found["groups"]:
+        for m in g["images"]:
+            m["path"] = Q.display_path(m["path"], db_path)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
+        return
+    for g in found["groups"]:
+        typer.echo(f"group {g['group']}: {g['size']} images, representative {g['representative']}")
+        for m in g["images"]:
+            copy = f"  (same bytes as {m['duplicate_of']})" if m["duplicate_of"] is not None else ""
+            typer.echo(f"  {m['id']:>6}  {m['score']:6.4f}  {m['url']}{copy}")
+    typer.echo(f"{len(found['groups'])} group{'s' * (len(found['groups']) != 1)} of near-duplicates, "
+               f"{found['images']} images, threshold {threshold:g} ({found['vectors']} vectors compared "
+               f"in {found['seconds']:.1f} s)")
 
 
 @app.command()

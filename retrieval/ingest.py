@@ -35,6 +35,7 @@ from .decode import decode
 from .encoder import Encoder, encode_pixels, l2_normalise
 from .errors import ConfigError, ImageError, InputError
 from .fetch import FetchConfig, Fetcher, MemoryBudget, fetch_many
+from .lifecycle import gallery_dir, local_key
 from .preprocess import preprocess
 from .safety import clean_text, redact_url
 
@@ -45,6 +46,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".b
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".jp2", ".qoi"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 CHUNK = 256  # rows looked up in the gallery at a time
+MTIME_TOLERANCE = 1e-6  # seconds: stored mtimes are floats (older galleries' nanoseconds were divided by 1e9)
 
 
 def is_transient(error: str | None) -> bool:
@@ -66,6 +68,7 @@ class IngestOptions:
     # downloads in flight plus preprocessed images waiting for the encoder, together (MiB; see fetch.MemoryBudget)
     memory_mb: float = 1024
     files_root: Path | None = None  # local files may be read from here (default: the CSV's or --dir's folder)
+    copy_originals: bool = False  # local files: store a copy under images_dir too (else the file is the original)
 
     def __post_init__(self):
         if not 1 <= self.workers <= 256:
@@ -119,13 +122,14 @@ class Item:
     url: str
     url_hash: str
     meta: dict | None = None
-    mtime: int | None = None
+    mtime: float | None = None  # local files: st_mtime in seconds (float)
     http_status: int | None = None
     error: str | None = None  # set: record as failed
     pixels: np.ndarray | None = None  # set: encode and record as ok
     info: dict = field(default_factory=dict)  # content_sha256, width, height, format, bytes, path
     skipped: int = 0  # a marker item that only counts skipped rows
-    local: bool = False  # url is a local file's absolute path: read it, don't fetch it
+    local: bool = False  # a local file (``file``): read it, don't fetch it
+    file: Path | None = None  # a local file's absolute path (``url`` is its key: relative to the gallery's folder)
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
     reserved: int = 0  # bytes of the run's memory budget its pixels hold, until encoded
     fetch_url: str | None = None  # the URL to download when it differs from ``url`` (which has no user info)
@@ -146,11 +150,11 @@ def default_images_dir(db_path) -> Path:
 # ---------------------------------------------------------------- sources
 
 
-def _skip(known: dict | None, options: IngestOptions, mtime: int | None = None) -> bool:
+def _skip(known: dict | None, options: IngestOptions, mtime: float | None = None) -> bool:
     """Whether a row the gallery already holds needs no work (and no network request)."""
     if known is None:
         return False
-    if mtime is not None and known["mtime"] != mtime:
+    if mtime is not None and (known["mtime"] is None or abs(known["mtime"] - mtime) > MTIME_TOLERANCE):
         return False  # a local file that changed since it was read
     if known["status"] in ("ok", "duplicate"):
         return True
@@ -182,16 +186,19 @@ def outside_error(name, root) -> str:
             "folder; --files-root DIR names another)")
 
 
-def local_item(path: Path, meta: dict | None = None, root: Path | None = None) -> Item:
-    """A local file as an item keyed by its path. With ``root``: a path that resolves (symlinks followed) outside
-    ``root`` is a failed item, and nothing about the file (not even its mtime) is looked at."""
+def local_item(path: Path, meta: dict | None = None, root: Path | None = None, base: Path | None = None) -> Item:
+    """A local file as an item, keyed by its path relative to ``base`` (the gallery's folder) when it lies inside
+    it, else by its absolute path; ``mtime`` in seconds. With ``root``: a path that resolves (symlinks followed)
+    outside ``root`` is a failed item, and nothing about the file (not even its mtime) is looked at."""
     if root is not None and not inside(os.path.realpath(path), root):
         return Item(url=str(path), url_hash=store.url_hash(str(path)), meta=meta, error=outside_error(path, root))
+    path = Path(path).resolve()
     try:
-        mtime = path.stat().st_mtime_ns
+        mtime = path.stat().st_mtime_ns / 1e9
     except OSError:
         mtime = None
-    return Item(url=str(path), url_hash=store.url_hash(str(path)), mtime=mtime, meta=meta, local=True)
+    key = local_key(path, base) if base is not None else str(path)
+    return Item(url=key, url_hash=store.url_hash(key), mtime=mtime, meta=meta, local=True, file=path)
 
 
 def read_local_bytes(path, root: Path | None, max_bytes: int) -> bytes:
@@ -234,16 +241,23 @@ def read_local_bytes(path, root: Path | None, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def csv_items(path, files_root=None, rows=None) -> Iterator[Item]:
+def _cells(meta: dict | None) -> dict | None:
+    """A CSV row's other columns without its empty (blank) cells: an empty cell is no value."""
+    return {k: v for k, v in meta.items() if not (isinstance(v, str) and not v.strip())} if meta else None
+
+
+def csv_items(path, files_root=None, rows=None, base: Path | None = None) -> Iterator[Item]:
     """CSV rows as items. A cell with no scheme that names an existing file (relative to the CSV's folder, or
-    absolute) is a local image, if it resolves (symlinks followed) inside the CSV's folder, or inside
-    ``files_root`` when given; any other path is a failed item (``outside-folder``), with nothing about the file
-    looked at. A row with a bad or missing URL becomes a failed item, keyed by its line when it has no URL at all.
+    absolute) is a local image (keyed relative to ``base``, see :func:`local_item`), if it resolves (symlinks
+    followed) inside the CSV's folder, or inside ``files_root`` when given; any other path is a failed item
+    (``outside-folder``), with nothing about the file looked at. A row with a bad or missing URL becomes a failed
+    item, keyed by its line when it has no URL at all. Empty cells are left out of ``meta``.
     ``rows``: the CSV already opened (read_rows)."""
     folder = Path(path).resolve().parent
     root = Path(files_root).resolve() if files_root is not None else folder
     with (rows if rows is not None else read_rows(path)) as rows:
         for row in rows:
+            row.meta = _cells(row.meta)
             if row.error and row.error.startswith("invalid-url") and "://" not in row.url:
                 local = folder / row.url
                 real = Path(os.path.realpath(local))
@@ -252,7 +266,7 @@ def csv_items(path, files_root=None, rows=None) -> Iterator[Item]:
                                error=outside_error(row.url, root))
                     continue
                 if local.is_file() or (local.exists() and not local.is_dir()):
-                    yield local_item(real, row.meta)
+                    yield local_item(real, row.meta, base=base)
                     continue
                 row.error = "invalid-url: neither an http(s) URL nor an existing file"
             url = row.url or f"csv:{folder / Path(path).name}:{row.line}"
@@ -261,9 +275,10 @@ def csv_items(path, files_root=None, rows=None) -> Iterator[Item]:
                        fetch_url=url if shown != url else None)
 
 
-def dir_items(folder, files_root=None) -> Iterator[Item]:
-    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by absolute path. A name
-    that resolves outside the folder (a symlink out; or outside ``files_root`` when given) is a failed item."""
+def dir_items(folder, files_root=None, base: Path | None = None) -> Iterator[Item]:
+    """Image files under ``folder`` (recursive, sorted, hidden entries skipped), keyed by their path relative to
+    ``base`` (the gallery's folder) when inside it, else by absolute path. A name that resolves outside the
+    folder (a symlink out; or outside ``files_root`` when given) is a failed item."""
     root = Path(folder).resolve()
     confine = Path(files_root).resolve() if files_root is not None else root
     for dirpath, dirnames, filenames in os.walk(root):
@@ -272,7 +287,7 @@ def dir_items(folder, files_root=None) -> Iterator[Item]:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath) / name
-            yield local_item(path, {"relative_path": str(path.relative_to(root))}, confine)
+            yield local_item(path, {"relative_path": str(path.relative_to(root))}, confine, base)
 
 
 # ---------------------------------------------------------------- producer
@@ -442,11 +457,11 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def read_local(item: Item) -> Item:
         try:
-            data = read_local_bytes(item.url, local_root, options.fetch.max_bytes)
+            data = read_local_bytes(item.file or item.url, local_root, options.fetch.max_bytes)
         except ImageError as exc:
             item.error = f"{exc.reason}: {exc.problem}"
             return item
-        return _prepare(item, data, route, None, db_dir, holder_of)
+        return _prepare(item, data, route, images_dir if options.copy_originals else None, db_dir, holder_of)
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
@@ -651,8 +666,8 @@ def ingest_csv(conn, db_path, csv_path, encoder: Encoder, options: IngestOptions
     total = max(0, count_lines(csv_path) - 1)
     root = Path(options.files_root or csv_path.resolve().parent).resolve()
     rows = read_rows(csv_path, url_column=url_column)
-    return run(conn, db_path, csv_items(csv_path, root, rows), str(csv_path), encoder, options, total=total,
-               progress=progress, column=(rows.url_column, rows.url_column_how), local_root=root)
+    return run(conn, db_path, csv_items(csv_path, root, rows, gallery_dir(db_path)), str(csv_path), encoder, options,
+               total=total, progress=progress, column=(rows.url_column, rows.url_column_how), local_root=root)
 
 
 def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, *, progress=None) -> Summary:
@@ -661,5 +676,5 @@ def ingest_dir(conn, db_path, folder, encoder: Encoder, options: IngestOptions, 
         raise InputError(f"{folder}: no such folder")
     root = Path(options.files_root or folder).resolve()
     total = sum(1 for _ in dir_items(folder, root))
-    return run(conn, db_path, dir_items(folder, root), str(folder.resolve()), encoder, options, total=total,
-               progress=progress, local_root=root)
+    return run(conn, db_path, dir_items(folder, root, gallery_dir(db_path)), str(folder.resolve()), encoder, options,
+               total=total, progress=progress, local_root=root)

@@ -35,14 +35,18 @@ def gallery_encoder(conn, weights_path):
     return encoder
 
 
+def vector_of_image(encoder, image):
+    """A decoded image's L2-normalised vector (D,)."""
+    return l2_normalise(encode_images(encoder, [image]))[0]
+
+
 def by_image(conn, encoder, image, k: int) -> list[dict]:
     """Nearest gallery images to a decoded image."""
-    vector = l2_normalise(encode_images(encoder, [image]))[0]  # (D,)
-    return store.search(conn, vector, k)
+    return store.search(conn, vector_of_image(encoder, image), k)
 
 
-def by_id(conn, image_id: int, k: int) -> list[dict]:
-    """Nearest gallery images to a stored image (a duplicate row uses the vector it points at)."""
+def vector_of(conn, image_id: int):
+    """A stored image's vector (a duplicate row uses the vector it points at); InputError when none."""
     row = store.get_image(conn, image_id)
     if row is None:
         raise InputError(f"--id {image_id}: no such image in {store.db_name(conn)}")
@@ -50,7 +54,12 @@ def by_id(conn, image_id: int, k: int) -> list[dict]:
     vector = store.get_vector(conn, target)
     if vector is None:
         raise InputError(f"--id {image_id}: image {row['url']} has no vector (status {row['status']}: {row['error']})")
-    return store.search(conn, vector, k)
+    return vector
+
+
+def by_id(conn, image_id: int, k: int) -> list[dict]:
+    """Nearest gallery images to a stored image (a duplicate row uses the vector it points at)."""
+    return store.search(conn, vector_of(conn, image_id), k)
 
 
 def display_path(path: str | None, db_path) -> str | None:

@@ -2,7 +2,8 @@
 
 Layout (see ``migrations/*.sql`` for the columns):
 
-- ``images``: one row per image URL (or absolute local path), keyed by ``url_hash``, with status
+- ``images``: one row per image URL (or local file: its path relative to the gallery's folder when inside
+  it, else absolute; see ``lifecycle.local_key``), keyed by ``url_hash``, with status
   ``ok`` / ``failed`` / ``duplicate``;
 - ``image_embeddings``: a sqlite-vec ``vec0`` virtual table, ``image_id INTEGER PRIMARY KEY`` (=
   ``images.id``) and ``embedding float[D] distance_metric=cosine``. D depends on the model, so this
@@ -57,6 +58,9 @@ def _migrations_dir() -> Path:
 
 MIGRATIONS_DIR = _migrations_dir()
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+# Migrations that also need Python (work SQL cannot do, e.g. hashing): file stem -> "module:function" in this
+# package, called with the connection right after the file's statements, in the same transaction.
+PYTHON_STEPS = {"0004_lifecycle": "lifecycle:relativise_paths"}
 
 BUSY_TIMEOUT_S = 30.0
 KNN_MAX_K = 4096  # sqlite-vec's limit on k in a vec0 KNN query
@@ -289,6 +293,11 @@ def migrate(conn, upto: int | None = None, directory=None) -> list[str]:
             try:
                 for statement in _statements(script):
                     conn.execute(statement)
+                if name in PYTHON_STEPS:
+                    import importlib
+
+                    module, function = PYTHON_STEPS[name].split(":")
+                    getattr(importlib.import_module(f".{module}", __package__), function)(conn)
             except SQLITE_ERRORS as exc:
                 raise DatabaseError(f"{db_name(conn)}: cannot apply migration {name}: {exc}") from None
             conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, _now()))

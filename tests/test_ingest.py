@@ -542,7 +542,7 @@ def gallery(tmp_path_factory, weights):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     rows = rows_by_url(db)
-    ids = {n: rows[str((folder / n).resolve())]["id"] for n in names}
+    ids = {n: rows[f"pics/{n}"]["id"] for n in names}  # recorded relative to the gallery's folder
     return folder, db, ids
 
 
@@ -563,15 +563,17 @@ def test_query_by_file_finds_it_first(cli, gallery):
         assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
         for r in res:
             assert {"rank", "id", "url", "path", "score"} <= set(r)
-        assert Path(res[0]["url"]) == (folder / name).resolve()
+        assert res[0]["url"] == f"pics/{name}" and Path(res[0]["path"]).resolve() == (folder / name).resolve()
     p = cli("query", folder / "c.jpg", "--db", db)  # the table too
     assert p.returncode == 0 and str(folder / "c.jpg") in p.stdout.splitlines()[1]
 
 
 def test_query_by_id_url_and_large_k(cli, gallery, http_server):
     folder, db, ids = gallery
-    res = query_json(cli, "--id", ids["c.jpg"], "--db", db)
+    res = query_json(cli, "--id", ids["c.jpg"], "--db", db, "--include-self")
     assert res[0]["id"] == ids["c.jpg"] and res[0]["score"] >= 0.9999 and len(res) == 3
+    res = query_json(cli, "--id", ids["c.jpg"], "--db", db)  # by default the query image itself is left out
+    assert ids["c.jpg"] not in [r["id"] for r in res] and len(res) == 2
 
     url = http_server.add("/query.png", body=(folder / "b.png").read_bytes(), headers={"Content-Type": "image/png"})
     res = query_json(cli, "--url", url, "--db", db, "-k", "2")
@@ -626,17 +628,17 @@ def test_ingest_dir_recursive_rerun_and_changed_file(ingest, tmp_path):
     s1 = ingest("--dir", folder, "--db", db)
     assert (s1["new"], s1["failed"], s1["skipped"]) == (3, 1, 0), s1
     rows = rows_by_url(db)
-    want = {str((folder / p).resolve()) for p in ("a.jpg", "sub/b.png", "sub/deeper/c.JPEG", "sub/broken.jpg")}
-    assert set(rows) == want  # keyed by absolute path; .txt and hidden entries ignored
-    broken = rows[str((folder / "sub" / "broken.jpg").resolve())]
+    want = {f"photos/{p}" for p in ("a.jpg", "sub/b.png", "sub/deeper/c.JPEG", "sub/broken.jpg")}
+    assert set(rows) == want  # keyed by the path relative to the gallery's folder; .txt and hidden entries ignored
+    broken = rows["photos/sub/broken.jpg"]
     assert broken["status"] == "failed" and broken["error"].startswith("not-an-image")
-    assert json.loads(rows[str((folder / "sub/b.png").resolve())]["meta"]) == {"relative_path": "sub/b.png"}
+    assert json.loads(rows["photos/sub/b.png"]["meta"]) == {"relative_path": "sub/b.png"}
 
     s2 = ingest("--dir", folder, "--db", db)
     assert (s2["new"], s2["failed"], s2["skipped"]) == (0, 0, 4), s2
 
     a = str((folder / "a.jpg").resolve())
-    a_id = rows[a]["id"]
+    a_id = rows["photos/a.jpg"]["id"]
     conn = store.connect(db)
     old = store.get_vector(conn, a_id)
     conn.close()
@@ -654,7 +656,7 @@ def test_ingest_dir_recursive_rerun_and_changed_file(ingest, tmp_path):
     finally:
         conn.close()
     assert float(old @ new) < 0.999999 or not np.allclose(old, new)
-    assert row["status"] == "ok" and row["width"] == 90 and row["mtime"] == st.st_mtime_ns + 5_000_000_000
+    assert row["status"] == "ok" and row["width"] == 90 and row["mtime"] == pytest.approx(st.st_mtime_ns / 1e9 + 5, abs=1e-6)  # seconds
     assert row["content_sha256"] == hashlib.sha256((folder / "a.jpg").read_bytes()).hexdigest()
     assert assert_consistent(db) == {"ok": 3, "failed": 1}
 
