@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import store
+from . import store, thumbs
 from .csvread import read_rows
 from .decode import decode
 from .encoder import Encoder, encode_pixels, l2_normalise
@@ -112,6 +112,7 @@ class Item:
     skipped: int = 0  # a marker item that only counts skipped rows
     local: bool = False  # url is a local file's absolute path: read it, don't fetch it
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
+    thumb: thumbs.Thumb | None = None  # made from the decoded image; stored with the ok row (thumbs.py)
 
     def row(self) -> dict:
         r = {"url": self.url, "url_hash": self.url_hash, "meta": self.meta or None, "mtime": self.mtime,
@@ -232,6 +233,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
         item.error = f"{exc.reason}: {exc.problem}"
         return item
     item.info.update(width=img.width, height=img.height, format=img.format)
+    item.thumb = thumbs.make(img)
     if images_dir is not None:
         try:
             stored = _store_original(data, sha, img.format or "", images_dir)
@@ -370,9 +372,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     def commit(items: list[Item]):
         nonlocal last_commit
         outcomes = []
+        thumbnails = {}  # index in outcomes -> the ok row's thumbnail
         if items:
             feats = l2_normalise(encode_pixels(encoder, [x.pixels for x in items]))  # (n, D)
             for x, v in zip(items, feats):
+                thumbnails[len(outcomes)] = x.thumb
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
                 for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
                     outcomes.append({**y.row(), "status": "duplicate"})
@@ -384,7 +388,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 outcomes.append({**x.row(), "status": "failed"})
             else:
                 outcomes.append({**x.row(), "status": "duplicate", "duplicate_of": x.duplicate_of})
-        results = store.commit_batch(conn, outcomes)
+        with store.transaction(conn):  # rows, vectors and thumbnails together
+            results = store.commit_batch(conn, outcomes)
+            thumbs.save_many(conn, [(results[i][0], t) for i, t in thumbnails.items() if results[i][1] == "ok"])
         for o, (_, status) in zip(outcomes, results):
             if o["status"] == "failed":
                 if status == "failed":
