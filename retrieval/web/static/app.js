@@ -157,7 +157,7 @@ function render(data, s) {
     const more = el("button", {class: "more", type: "button", text: "More like this", "data-id": String(r.id)});
     more.addEventListener("click", () => navigate({...readState(), id: String(r.id), url: null, q: null}, true));
     const pic = el("button", {class: "pic", type: "button", title: "details"},
-                   el("img", {src: r.thumbnail, alt: "image " + r.id, loading: "lazy"}));
+                   el("img", {src: r.thumbnail, alt: "image " + r.id, loading: r.rank > 50 ? "lazy" : "eager"}));
     pic.addEventListener("click", () => openDetail(r.id));
     const tile = el("figure", {class: "tile", "data-id": String(r.id), "data-score": String(r.score)},
       pic,
