@@ -119,11 +119,24 @@ def get(conn, image_id: int, db_path, *, cache: bool = True) -> Thumb | None:
     except ImageError:
         return None
     if cache:
-        try:
-            save(conn, src, thumb)
-        except store.SQLITE_ERRORS:  # read-only or busy: serve it anyway
-            pass
+        _save_if_free(conn, src, thumb)
     return thumb
+
+
+def _save_if_free(conn, image_id: int, thumb: Thumb) -> None:
+    """Cache a lazily made thumbnail unless the database is read-only or busy (an ingest writing): then the
+    request is answered anyway, without waiting the connection's long busy timeout."""
+    if conn.in_transaction:
+        save(conn, image_id, thumb)
+        return
+    old = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout = 250")
+    try:
+        save(conn, image_id, thumb)
+    except store.SQLITE_ERRORS:
+        pass
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(old)}")
 
 
 def missing_ids(conn) -> list[int]:

@@ -99,6 +99,26 @@ def test_migration_on_an_old_gallery_keeps_its_data_and_thumbnails_come_lazily(t
     assert store.check(conn) == []
 
 
+def test_a_busy_database_still_gets_its_thumbnail_without_waiting(tmp_path):
+    import time
+
+    db, ids = old_gallery(tmp_path)
+    conn = store.connect(db)
+    writer = store.connect(db)
+    writer.execute("BEGIN IMMEDIATE")  # an ingest holding the write lock
+    try:
+        t0 = time.monotonic()
+        t = thumbs.get(conn, ids["b"], db)
+        assert time.monotonic() - t0 < 10  # not the connection's 30 s busy timeout
+        assert t is not None and (t.width, t.height) == (102, 256)
+        assert thumbs.stored(conn, ids["b"]) is None  # not cached this time
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    finally:
+        writer.execute("ROLLBACK")
+    thumbs.get(conn, ids["b"], db)
+    assert thumbs.stored(conn, ids["b"]) is not None
+
+
 def test_thumbs_command_makes_the_missing_ones_without_encoding(tmp_path, env):
     db, ids = old_gallery(tmp_path)
     # no weights at all: nothing may be encoded

@@ -252,6 +252,21 @@ def test_serve_says_where_it_listens(env, gallery):
     assert "Warning: listening on 0.0.0.0" in out
 
 
+def test_an_empty_gallery_answers_503_not_a_traceback(env, tmp_path):
+    from retrieval import store
+
+    db = tmp_path / "empty.db"
+    store.connect(db).close()
+    srv = Server(env, db)
+    try:
+        r = srv.http.post(srv.url("/api/search"), files={"image": ("a.jpg", jpeg(1))})
+        assert "empty" in error_of(r, 503, "unavailable")
+        error_of(srv.http.get(srv.url("/api/search"), params={"id": 1}), 404)
+        assert srv.http.get(srv.url("/gallery")).status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_serve_bad_input_is_one_line(env, tmp_path):
     p = cli(env, "serve", "--db", tmp_path / "none.db", "--port", "0")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no such gallery database" in p.stderr
@@ -312,7 +327,8 @@ def test_page_upload_shows_grid_with_scores(browser, server, gallery):
     assert "q=" in browser.current_url
     assert browser.find_element(By.ID, "queryimg").get_attribute("naturalWidth") != "0"
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    png = browser.get_screenshot_as_png()  # the README shows it: kept small (256 colours)
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(SCREENSHOT, optimize=True)
     assert SCREENSHOT.stat().st_size > 10_000
     # a reload of the shareable URL shows the same search
     browser.refresh()
@@ -422,6 +438,31 @@ def test_page_search_by_url(browser, server, gallery, http_server):
     wait_grid(browser, gallery["ids"]["p7.jpg"])
     assert "url=http" in browser.current_url
     assert http_server.url("/query.jpg") in browser.find_element(By.ID, "querylabel").text
+
+
+DISPATCH = """
+const [kind, id, done] = arguments;
+fetch('/api/images/' + id + '/original').then(r => r.blob()).then(blob => {
+  const data = new DataTransfer();
+  data.items.add(new File([blob], kind + '.jpg', {type: 'image/jpeg'}));
+  const event = kind === 'paste' ? new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true})
+                                 : new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true});
+  (kind === 'paste' ? document.body : document.getElementById('drop')).dispatchEvent(event);
+  done(true);
+});
+"""
+
+
+@pytest.mark.parametrize("kind", ["paste", "drop"])
+def test_page_paste_and_drop_an_image(browser, server, gallery, kind):
+    from selenium.webdriver.common.by import By
+
+    name = {"paste": "p8.jpg", "drop": "p9.jpg"}[kind]
+    browser.get(server.url("/"))
+    assert browser.execute_async_script(DISPATCH, kind, gallery["ids"][name])
+    wait_grid(browser, gallery["ids"][name])
+    assert "q=" in browser.current_url
+    assert browser.find_element(By.ID, "querylabel").text == f"query: {kind}.jpg"
 
 
 def test_page_bad_input_shows_a_message(browser, server, tmp_path):

@@ -31,7 +31,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ImageError, InputError, RetrievalError
+from ..errors import DatabaseError, ImageError, InputError, RetrievalError, WeightsError, WeightsUnavailableError
 from . import filters as F
 from . import pages
 from .service import DEFAULT_K, FetchFailed, GalleryService, NotFound, TooLarge
@@ -62,6 +62,8 @@ def error_status(exc: Exception) -> tuple[int, str]:
         return 422, exc.reason
     if isinstance(exc, InputError):
         return 400, "bad-input"
+    if isinstance(exc, (DatabaseError, WeightsError, WeightsUnavailableError)):
+        return 503, "unavailable"  # the gallery or the server's model, not the request: e.g. an empty gallery
     return 400, "bad-request"
 
 
