@@ -267,10 +267,19 @@ def test_an_empty_gallery_answers_503_not_a_traceback(env, tmp_path):
         srv.stop()
 
 
-def test_serve_bad_input_is_one_line(env, tmp_path):
+def test_serve_bad_input_is_one_line(env, gallery, tmp_path):
+    import socket
+
     p = cli(env, "serve", "--db", tmp_path / "none.db", "--port", "0")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no such gallery database" in p.stderr
     assert not (tmp_path / "none.db").exists()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = cli(env, "serve", "--db", gallery["db"], "--port", port, "--lazy")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"Error: 127.0.0.1:{port}: cannot listen there")
 
 
 # ---------------------------------------------------------------- the page, in headless Chromium
