@@ -223,7 +223,10 @@ def test_state_endpoints_and_headers(server, gallery):
     assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
     assert "http://" not in r.text and "https://" not in r.text.replace("https://… an image", "")  # nothing from elsewhere
     # a page elsewhere cannot talk to the app through a host name it controls (DNS rebinding)
-    assert server.http.get(server.url("/api/stats"), headers={"Host": "evil.example"}).status_code == 400
+    error_of(server.http.get(server.url("/api/stats"), headers={"Host": "evil.example"}), 400, "bad-host")
+    error_of(server.http.get(server.url("/api/stats"), headers={"Host": "127.0.0.1.evil.example:80"}), 400, "bad-host")
+    for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "127.0.0.1"):
+        assert server.http.get(server.url("/api/health"), headers={"Host": host}).status_code == 200, host
 
 
 def test_pages_escape_untrusted_text(server):

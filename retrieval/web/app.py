@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -195,15 +195,36 @@ def create_app(service: GalleryService, *, host: str = "127.0.0.1", warm: bool =
         Route("/api/health", api_health),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    loopback = host in ("127.0.0.1", "localhost", "::1")
-    # a page elsewhere cannot reach the app through a name it controls (DNS rebinding)
-    hosts = ["127.0.0.1", "localhost", "[::1]", host] if loopback else ["*"]
+    from .serve import is_loopback
+
+    # on loopback, a page elsewhere cannot reach the app through a host name it controls (DNS rebinding)
+    hosts = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower()} if is_loopback(host) else None
     return Starlette(
         routes=routes,
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)],
+        middleware=[Middleware(HostCheck, allowed=hosts)],
         exception_handlers={RetrievalError: on_library_error, HTTPException: on_http_error, Exception: on_crash},
         lifespan=lifespan,
     )
+
+
+class HostCheck:
+    """Answer 400 to a request whose Host header is not one of ``allowed`` (None: any). Unlike Starlette's
+    TrustedHostMiddleware it reads bracketed IPv6 hosts (``[::1]:8000``) and answers in JSON."""
+
+    def __init__(self, app, allowed=None):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope, receive, send):
+        if self.allowed is not None and scope["type"] in ("http", "websocket"):
+            host = Headers(scope=scope).get("host", "").strip().lower()
+            name = host[1:].split("]", 1)[0] if host.startswith("[") else host.split(":", 1)[0]
+            if name not in self.allowed:
+                response = _error(400, f"host {host[:100]!r}: this server answers only as {sorted(self.allowed)[0]}",
+                                  "bad-host")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _read_upload(request: Request, cap: int) -> tuple[bytes, str | None, object]:
