@@ -43,10 +43,16 @@ def table(headers, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def kv(rows) -> str:
+    """A two-column table: escaped labels, cells already escaped."""
+    body = "".join(f"<tr><th>{esc(label)}</th><td>{cell}</td></tr>" for label, cell in rows)
+    return f"<table><tbody>{body}</tbody></table>"
+
+
 def gallery_page(service, params) -> str:
     s = service.stats()
     c = s["counts"]
-    parts = [table(["", ""], [
+    parts = [kv([
         ("database", esc(s["database"])),
         ("size", esc(f"{s['file_bytes'] / 1e6:.1f} MB")),
         ("images", esc(f"{c.get('total', 0)}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, "
@@ -61,7 +67,7 @@ def gallery_page(service, params) -> str:
         loaded = s["model_loaded"]
         state = ("loaded" + (f" in {loaded['load_seconds']:.1f} s" if loaded["load_seconds"] else "")
                  if loaded["loaded"] else (f"not loaded: {loaded['error']}" if loaded["error"] else "loading or not yet needed"))
-        parts.append(table(["", ""], [
+        parts.append(kv([
             ("variant", esc(m["variant"])), ("dim", esc(m["dim"])), ("preprocess", esc(m["preprocess"])),
             ("interpolation", esc(m["interpolation"])), ("pooling", esc(m["pooling"])),
             ("weights sha256", esc(m["weights_sha256"])), ("encoder", esc(state)),
