@@ -224,7 +224,10 @@ def main() -> None:
             continue
         ratio = f"{value / target:.2f}" if target else ""
         print(f"| {label} | {value:.3f} s | {f'{target} s' if target else ''} | {ratio} |")
-    print(f"\nserver start to first answer {first_answer:.2f} s; model load (in the background) "
+    print(f"\nover HTTP / its parts measured alone: by id {figures['by_id_median_s'] / figures['store_search_alone_median_s']:.2f}x"
+          f" store.search; by upload {figures['by_upload_median_s'] / (figures['encode_alone_median_s'] + figures['store_search_alone_median_s']):.2f}x"
+          " (encode + store.search)")
+    print(f"server start to first answer {first_answer:.2f} s; model load (in the background) "
           f"{model['load_seconds']:.2f} s")
 
 
