@@ -33,9 +33,7 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -233,7 +233,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
         item.error = f"{exc.reason}: {exc.problem}"
         return item
     item.info.update(width=img.width, height=img.height, format=img.format)
-    item.thumb = thumbs.make(img)
+    item.thumb = thumbs.try_make(img)
     if images_dir is not None:
         try:
             stored = _store_original(data, sha, img.format or "", images_dir)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-import time
 import zlib
-from pathlib import Path
 
 import pytest
 from PIL import Image
