@@ -336,6 +336,8 @@ def test_page_upload_shows_grid_with_scores(browser, server, gallery):
     assert scores == sorted(scores, reverse=True) and len(set(scores)) > 3
     assert "q=" in browser.current_url
     assert browser.find_element(By.ID, "queryimg").get_attribute("naturalWidth") != "0"
+    as_json = server.http.get(browser.find_element(By.ID, "jsonlink").get_attribute("href")).json()
+    assert [r["id"] for r in as_json["results"]] == [int(t.get_attribute("data-id")) for t in tiles(browser)]
     SCREENSHOT.parent.mkdir(exist_ok=True)
     png = browser.get_screenshot_as_png()  # the README shows it: kept small (256 colours)
     Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(SCREENSHOT, optimize=True)

@@ -91,6 +91,7 @@ async function callApi(url, options) {
 async function run(s) {
   syncControls(s);
   showError("");
+  $("jsonlink").hidden = true;
   if (!s.id && !s.url && !s.q) {
     $("grid").replaceChildren();
     $("query").hidden = true;
@@ -144,6 +145,10 @@ function metaText(meta) {
 function render(data, s) {
   current = data;
   const q = data.query;
+  const p = apiParams(s);
+  if (q.kind === "id") p.set("id", String(q.id)); else p.set("q", q.token);
+  $("jsonlink").href = "/api/search?" + p.toString();
+  $("jsonlink").hidden = false;
   if (q.thumbnail) {
     $("queryimg").src = q.thumbnail;
     $("querylabel").textContent = q.kind === "url" ? "query: " + q.url : "query: " + (q.name || "uploaded image");
