@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import store
-from .decode import open_path
+from .decode import decode
 from .errors import ImageError
 
 SIZE = 256  # the long side, in pixels
@@ -111,6 +111,17 @@ def original_path(conn, image_id: int, db_path) -> Path | None:
     return Path(display_path(row[0], db_path))
 
 
+def from_file(path) -> Thumb:
+    """The thumbnail of an image file, decoded as ingest decodes it (the same checks and limits), a JPEG
+    at reduced scale (``decode(draft=...)``). ImageError when the file cannot be read or decoded."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageError(path, f"cannot read the file: {exc.strerror or exc}", "unreadable") from exc
+    return make(decode(data, str(path), draft=(SIZE, SIZE)))
+
+
 def get(conn, image_id: int, db_path, *, cache: bool = True) -> Thumb | None:
     """The thumbnail of an image: the cached one, else made from the stored original and cached
     (``cache``; a database that cannot be written, e.g. opened read-only, still gets the thumbnail).
@@ -125,7 +136,7 @@ def get(conn, image_id: int, db_path, *, cache: bool = True) -> Thumb | None:
     if path is None:
         return None
     try:
-        thumb = make(open_path(path))
+        thumb = from_file(path)
     except ImageError:
         return None
     if cache:
@@ -167,7 +178,7 @@ def make_missing(conn, db_path, *, batch: int = 64, progress=None) -> dict:
         try:
             if path is None:
                 raise ImageError(image_id, "no stored original", "unreadable")
-            pending.append((image_id, make(open_path(path))))
+            pending.append((image_id, from_file(path)))
         except ImageError:
             unreadable.append(image_id)
         if len(pending) >= batch or n == len(ids):

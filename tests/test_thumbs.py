@@ -99,6 +99,35 @@ def test_migration_on_an_old_gallery_keeps_its_data_and_thumbnails_come_lazily(t
     assert store.check(conn) == []
 
 
+def test_thumbnail_from_a_large_rotated_jpeg_decodes_at_reduced_scale(tmp_path):
+    from retrieval.decode import decode
+    from webtools import picture
+
+    img = picture(7, (2400, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: portrait
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, exif=exif)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(buf.getvalue())
+    full = decode(buf.getvalue(), "big.jpg")
+    drafted = decode(buf.getvalue(), "big.jpg", draft=(256, 256))
+    assert full.size == (1200, 2400) and drafted.width < 1200 and drafted.height >= 256
+    assert drafted.size[0] * 2 == drafted.size[1] and drafted.format == "JPEG"
+    t = thumbs.from_file(path)
+    assert (t.width, t.height) == (128, 256)
+    expected = thumbs.make(full)
+    a = np.asarray(Image.open(io.BytesIO(t.data)), np.float32)
+    b = np.asarray(Image.open(io.BytesIO(expected.data)), np.float32)
+    assert np.abs(a - b).mean() < 8  # the same picture, the same way up
+    png = tmp_path / "big.png"
+    img.save(png)
+    assert (thumbs.from_file(png).width, thumbs.from_file(png).height) == (256, 128)  # not a JPEG: full decode
+    with pytest.raises(Exception) as info:
+        thumbs.from_file(tmp_path / "none.jpg")
+    assert getattr(info.value, "reason", None) == "unreadable"
+
+
 def test_a_busy_database_still_gets_its_thumbnail_without_waiting(tmp_path):
     import time
 
