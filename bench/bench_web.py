@@ -24,7 +24,8 @@ What it does, in ONE run (figures side by side on the same, possibly busy, machi
    made lazily from the originals (cold: each id's results not seen before), then again (cached in the
    database).
 
-Prints the medians, the targets and the ratios. Thumbnails made during the run are cached in the gallery.
+Prints the medians, the targets and the ratios. Thumbnails made during a run are cached in the gallery;
+the next run deletes them first.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main() -> None:
     env = base_env(weights, args.workdir / "cache")
     rng = np.random.default_rng(1)
     conn = store.connect(db)
+    with store.transaction(conn):  # the "cold" page must make its thumbnails: forget those of earlier runs
+        conn.execute("DELETE FROM thumbnails")
     n_rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
     ids = [int(x) for x in rng.choice(np.arange(1, n_rows + 1), size=args.repeats * 3, replace=False)]
 
