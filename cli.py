@@ -469,6 +469,8 @@ def query(
     where: Optional[List[str]] = typer.Option(None, "--where", help="Only images whose metadata (the CSV's other columns) matches KEY OP VALUE, OP one of = != < <= > >= ~ (LIKE); numeric when VALUE is a number; repeatable, all must hold. E.g. --where tag=cat --where year>=2020."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Only results with at least this cosine similarity."),
     include_self: bool = typer.Option(False, "--include-self", help="With --id: keep the query image (and rows holding the same bytes) in the results."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML contact sheet of the results (thumbnails inlined) to this file."),
+    open_html: bool = typer.Option(False, "--open", help="Open the --html contact sheet in the web browser."),
 ):
     """Find the gallery images most like a query image (cosine similarity)."""
     import json
@@ -486,9 +488,12 @@ def query(
         raise ConfigError(f"-k {k}: expected a positive number")
     from retrieval import lifecycle
 
+    if open_html and html is None:
+        raise ConfigError("--open opens the contact sheet: give --html FILE too")
     conditions = [lifecycle.parse_where(w) for w in where or ()]
     db_path, conn = _open_db(db, readonly=True)
     filtered = bool(conditions) or min_score is not None
+    img = None
     if image_id is not None:
         exclude = () if include_self else lifecycle.same_bytes(conn, image_id)
         if filtered or exclude:
@@ -514,6 +519,8 @@ def query(
         else:
             results = Q.by_image(conn, encoder, img, k)
     local = {r["id"]: bool(r["path"]) and r["path"] == r["url"] for r in results}  # a local file: url is its key
+    if html is not None:
+        _contact_sheet(html, open_html, results, conn, db_path, img, image, url, image_id)
     for r in results:
         r["path"] = Q.display_path(r["path"], db_path)
     if as_json:
@@ -594,6 +601,96 @@ def dupes(
     typer.echo(f"{len(found['groups'])} group{'s' * (len(found['groups']) != 1)} of near-duplicates, "
                f"{found['images']} images, threshold {threshold:g} ({found['vectors']} vectors compared "
                f"in {found['seconds']:.1f} s)")
+
+
+def _contact_sheet(html, open_html, results, conn, db_path, img, image, url, image_id):
+    """``query --html``: write the contact sheet (and ``--open`` it); a note on stderr says where."""
+    import webbrowser
+
+    from retrieval import contactsheet, thumbs
+    from retrieval.errors import InputError
+
+    if image_id is not None:
+        label, query_thumb = f"image #{image_id}", thumbs.get(conn, image_id, db_path)
+    else:
+        label, query_thumb = (url if url is not None else str(image)), thumbs.make(img)
+    page = contactsheet.render(results, conn, db_path, query_label=label, query_thumb=query_thumb)
+    try:
+        contactsheet.write(html, page)
+    except OSError as exc:
+        raise InputError(f"{html}: cannot write the contact sheet ({exc.strerror or exc})") from exc
+    typer.echo(f"contact sheet: {html}", err=True)
+    if open_html:
+        webbrowser.open(html.resolve().as_uri())
+
+
+@app.command()
+def serve(
+    db: Optional[Path] = DbOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The default serves this machine only; another address is announced with a warning."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    weights: Optional[str] = WeightsOpt,
+    offline: bool = OfflineOpt,
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest image upload accepted, in MB."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Search by URL: total seconds allowed for the download."),
+    max_mb: float = typer.Option(50.0, "--max-mb", help="Search by URL: largest download accepted, in MB."),
+    allow_private: bool = typer.Option(False, "--allow-private", help="Search by URL may fetch from loopback and private addresses (as ingest --allow-private)."),
+    lazy: bool = typer.Option(False, "--lazy", help="Load the model on the first search by image, not in the background at start-up."),
+):
+    """Start the local web app on a gallery: search by upload, paste, URL or id; results as a grid; a JSON API."""
+    import math
+
+    from retrieval import web
+    from retrieval.errors import ConfigError
+
+    web.require()
+    from retrieval.web.serve import run
+    from retrieval.web.service import GalleryService, fetch_config
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number from 0 to 65535")
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-mb", max_mb), ("--timeout", timeout)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} {value:g}: expected a positive number")
+    path, conn = _open_db(db, must_exist=True)  # applies pending migrations (the thumbnails table)
+    conn.close()
+    service = GalleryService(path, weights=weights, offline=offline, allow_private=allow_private,
+                             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                             fetch=fetch_config(allow_private, deadline=timeout, max_bytes=int(max_mb * 1024 * 1024)))
+    run(service, host, port, warm=not lazy)
+
+
+@app.command()
+def thumbs(
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+):
+    """Make the missing thumbnails from the stored originals (nothing is encoded again); serve and query --html make them lazily otherwise."""
+    import json
+
+    from retrieval import thumbs as T
+
+    db_path, conn = _open_db(db, must_exist=True)
+    progress = _Progress(not as_json)
+
+    def show(done, total):
+        if progress.enabled:
+            sys.stderr.write(f"\rthumbnails {done}/{total}\033[K")
+            sys.stderr.flush()
+            progress.shown = True
+
+    try:
+        result = T.make_missing(conn, db_path, progress=show)
+    finally:
+        progress.close()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    line = f"{result['made']} thumbnails made in {db_path}"
+    if result["unreadable"]:
+        ids = ", ".join(str(i) for i in result["unreadable"][:10])
+        line += f"; {len(result['unreadable'])} originals missing or unreadable (ids {ids}{', ...' if len(result['unreadable']) > 10 else ''})"
+    typer.echo(line)
 
 
 @app.command()

@@ -166,12 +166,15 @@ def open_path(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return decode(data, source, max_pixels=max_pixels)
 
 
-def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+           draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode image bytes to a loaded 8-bit RGB ``PIL.Image.Image`` (see the module docstring).
 
     ``source`` names the input in error messages (a path or URL). ``max_pixels`` bounds the
     declared width x height, checked before decoding. Raises :class:`ImageError` with one of
     the reasons ``"empty"``, ``"not-an-image"``, ``"truncated"``, ``"too-large"``, ``"undecodable"``.
+    ``draft=(w, h)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that (for
+    thumbnails: much faster; never for encoding, whose input must be the full image).
     """
     data = bytes(data) if not isinstance(data, bytes) else data
     source = str(source)
@@ -191,6 +194,8 @@ def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             )
         if width < 1 or height < 1:
             raise ImageError(source, f"{fmt} image declares an empty size {width}x{height}", "undecodable")
+        if draft is not None and fmt in ("JPEG", "MPO"):
+            img.draft(None, draft)
         img.load()  # decode the (first) frame fully, here, so that a truncated file fails now
         orientation = _orientation(img)
         source_mode = img.mode

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import store
+from . import store, thumbs
 from .csvread import read_rows
 from .decode import decode
 from .encoder import Encoder, encode_pixels, l2_normalise
@@ -133,6 +133,7 @@ class Item:
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
     reserved: int = 0  # bytes of the run's memory budget its pixels hold, until encoded
     fetch_url: str | None = None  # the URL to download when it differs from ``url`` (which has no user info)
+    thumb: thumbs.Thumb | None = None  # made from the decoded image; stored with the ok row (thumbs.py)
 
     def row(self) -> dict:
         # stored failure reasons never hold control or bidi characters (server texts, file names, CSV cells)
@@ -341,6 +342,7 @@ def _prepare(item: Item, data: bytes, route: str, images_dir: Path | None, db_di
         item.error = f"{exc.reason}: {exc.problem}"
         return item
     item.info.update(width=img.width, height=img.height, format=img.format)
+    item.thumb = thumbs.try_make(img)
     if images_dir is not None:
         try:
             stored = _store_original(data, sha, img.format or "", images_dir, written)
@@ -544,6 +546,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
     def commit(items: list[Item]):
         nonlocal last_commit
         outcomes = []
+        thumbnails = {}  # index in outcomes -> the ok row's thumbnail
         if items:
             if lazy is not None and not lazy.loaded:
                 store.ensure_model(conn, lazy.get().record())
@@ -553,6 +556,7 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 x.pixels = None
                 unreserve(x)
             for x, v in zip(items, feats):
+                thumbnails[len(outcomes)] = x.thumb
                 outcomes.append({**x.row(), "status": "ok", "vector": v})
                 for y in waiting.pop(x.info["content_sha256"], ()):  # its holder is found by content
                     outcomes.append({**y.row(), "status": "duplicate"})
@@ -564,7 +568,9 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                 outcomes.append({**x.row(), "status": "failed"})
             else:
                 outcomes.append({**x.row(), "status": "duplicate", "duplicate_of": x.duplicate_of})
-        results = store.commit_batch(conn, outcomes)
+        with store.transaction(conn):  # rows, vectors and thumbnails together
+            results = store.commit_batch(conn, outcomes)
+            thumbs.save_many(conn, [(results[i][0], t) for i, t in thumbnails.items() if results[i][1] == "ok"])
         for o, (_, status) in zip(outcomes, results):
             if o["status"] == "failed":
                 if status == "failed":
