@@ -112,10 +112,14 @@ class Item:
     skipped: int = 0  # a marker item that only counts skipped rows
     local: bool = False  # url is a local file's absolute path: read it, don't fetch it
     duplicate_of: int | None = None  # set: its bytes are already in the gallery as this row (no encoding)
+    original: str | None = None  # set: read the bytes from this file instead of fetching the URL (reindex)
+    id: int | None = None  # set: the images.id to record the row under (reindex keeps the source's ids)
 
     def row(self) -> dict:
         r = {"url": self.url, "url_hash": self.url_hash, "meta": self.meta or None, "mtime": self.mtime,
              "http_status": self.http_status, "error": self.error}
+        if self.id is not None:
+            r["id"] = self.id
         r.update(self.info)
         return r
 
@@ -294,7 +298,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 remember(x.url_hash)
                 if x.error is not None:  # a bad CSV row: recorded as failed, nothing to fetch
                     put(x)
-                elif x.local:
+                elif x.local or x.original is not None:
                     put(read_local(x))
                 else:
                     yield x, x.url
@@ -303,11 +307,12 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def read_local(item: Item) -> Item:
         try:
-            data = Path(item.url).read_bytes()
+            data = Path(item.original or item.url).read_bytes()
         except OSError as exc:
             item.error = f"unreadable: {exc.strerror or exc}"
             return item
-        return _prepare(item, data, route, None, db_dir, holder_of)
+        # a local file stays where it is; a stored original (reindex) is kept like a download
+        return _prepare(item, data, route, None if item.local else images_dir, db_dir, holder_of)
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
@@ -466,6 +471,8 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         counts = {"new": summary.new, "skipped": summary.skipped, "failed": summary.failed,
                   "duplicate": summary.duplicate, "images_per_s": summary.images_per_s}
         store.finish_run(conn, summary.run_id, counts, status)
+        # the run's writes go into the database file itself: a copy of the .db alone misses nothing
+        store.checkpoint(conn)
     return summary
 
 
