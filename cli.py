@@ -560,6 +560,33 @@ def backup(
     typer.echo(f"{db_path} -> {dest} ({n} images, {dest.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command("datasette")
+def datasette_cmd(
+    db: Optional[Path] = DbOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (this machine only by default)."),
+    port: int = typer.Option(8001, "--port", "-p", help="Port to listen on."),
+    write_metadata: Optional[Path] = typer.Option(None, "--write-metadata", help="Only write the Datasette metadata file (for running datasette yourself) and exit."),
+):
+    """Browse the gallery in Datasette with sqlite-vec loaded: labels, hidden vec0 shadow tables, a 'similar' query."""
+    import tempfile
+
+    from retrieval import datasette_meta as DM
+
+    db_path, conn = _open_db(db, must_exist=True)
+    try:
+        if write_metadata is not None:
+            DM.write_metadata(conn, db_path.stem, write_metadata)
+            typer.echo(f"{write_metadata}: Datasette metadata for {db_path}")
+            return
+        with tempfile.TemporaryDirectory(prefix="dinov2-datasette-") as tmp:
+            meta = DM.write_metadata(conn, db_path.stem, Path(tmp) / "metadata.json")
+            conn.close()
+            typer.echo(f"Datasette on http://{host}:{port}/{db_path.stem} (Ctrl-C stops it)", err=True)
+            DM.serve(db_path, meta, host=host, port=port)
+    finally:
+        conn.close()
+
+
 def main() -> None:
     # Pillow warns on stderr about any image declaring more than its MAX_IMAGE_PIXELS, before our own
     # size check (decode.py) turns that image into a one-line "too-large" failure: the warning is noise.

@@ -258,8 +258,11 @@ def _reindex_items(src, src_path) -> Iterator:
                 meta = json.loads(r["meta"]) if r["meta"] else None
                 item = Item(url=r["url"], url_hash=r["url_hash"], meta=meta, http_status=r["http_status"],
                             id=int(r["id"]))
-                if status == "failed":
+                if status == "failed":  # not read again: its reason and what was known of its bytes stay
                     item.error = r["error"] or "failed: no reason recorded"
+                    item.mtime = r["mtime"]
+                    item.info = {k: r[k] for k in ("content_sha256", "bytes", "width", "height", "format")
+                                 if r[k] is not None}
                 else:
                     local = _is_local(r["url"])
                     # a local file: its recorded path; a download: its stored original (a duplicate of a
