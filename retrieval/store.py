@@ -105,13 +105,14 @@ _CONNECTION_CLASSES: dict = {}
 
 
 class _CheckpointOnClose:
-    """Mixed into the driver's Connection: a clean close (no transaction open) first checkpoints the WAL
-    into the database file and truncates it (:func:`checkpoint`), so a copy of the ``.db`` file alone
-    holds everything even while another process keeps the database open."""
+    """Mixed into the driver's Connection: a clean close (no transaction open) of a connection that wrote
+    something first checkpoints the WAL into the database file and truncates it (:func:`checkpoint`), so a
+    copy of the ``.db`` file alone holds everything even while another process keeps the database open.
+    A connection that only read leaves the file alone (``doctor`` reports a WAL, ``--repair`` folds it in)."""
 
     def close(self):
         try:
-            if not self.in_transaction:
+            if not self.in_transaction and self.total_changes > 0:
                 checkpoint(self, wait_s=0.2)
         except Exception:  # noqa: BLE001 - closed, read-only or not a database: closing must still work
             pass
