@@ -54,12 +54,98 @@ def _absolute(path: str | None, db_path) -> str | None:
     return os.path.abspath(shown) if shown else shown
 
 
+class VectorReader:
+    """The stored vectors of ``image_embeddings`` by image id, as the exact bytes sqlite-vec holds.
+
+    sqlite-vec answers a lookup (``WHERE image_id = ?``) by reading the vector out of the blob of 1024
+    vectors ("chunk") that holds it, and SQLite walks a large blob's overflow pages from its start on each
+    such read: a few milliseconds per vector at D=768 (``bench/bench_export.py``), minutes for 100k. When
+    the table's shadow tables have sqlite-vec 0.1's layout (its ``_info`` record says v0.1.x), whole
+    chunks are read once (a few kept) and sliced instead; every slot is checked against the chunk's
+    validity bits and row ids, and a vector that does not check out is read through the vec0 lookup
+    (``fallbacks`` counts them)."""
+
+    CACHE = 4  # chunks kept in memory (1024 * D * 4 bytes each)
+
+    def __init__(self, conn, dim: int, table: str = "image_embeddings"):
+        self.conn, self.dim, self.table = conn, int(dim), table
+        self.fallbacks = 0
+        self._chunks: dict[int, tuple] = {}
+        self.fast = self._layout_known()
+
+    def _layout_known(self) -> bool:
+        try:
+            version = self.conn.execute(
+                f"SELECT value FROM {self.table}_info WHERE key = 'CREATE_VERSION'").fetchone()
+            if version is None or not str(version[0]).startswith("v0.1."):
+                return False
+            self.conn.execute(f"SELECT chunk_id, size, validity, rowids FROM {self.table}_chunks LIMIT 0").fetchall()
+            self.conn.execute(f"SELECT rowid, chunk_id, chunk_offset FROM {self.table}_rowids LIMIT 0").fetchall()
+            self.conn.execute(f"SELECT rowid, vectors FROM {self.table}_vector_chunks00 LIMIT 0").fetchall()
+        except store.SQLITE_ERRORS:
+            return False
+        return True
+
+    def _chunk(self, chunk_id: int):
+        got = self._chunks.pop(chunk_id, None)
+        if got is None:
+            meta = self.conn.execute(f"SELECT size, validity, rowids FROM {self.table}_chunks WHERE chunk_id = ?",
+                                     (chunk_id,)).fetchone()
+            vectors = self.conn.execute(f"SELECT vectors FROM {self.table}_vector_chunks00 WHERE rowid = ?",
+                                        (chunk_id,)).fetchone()
+            if meta is None or vectors is None:
+                got = (0, b"", np.zeros(0, "<i8"), b"")
+            else:
+                got = (int(meta[0]), bytes(meta[1]), np.frombuffer(meta[2], "<i8"), bytes(vectors[0]))
+            while len(self._chunks) >= self.CACHE:
+                del self._chunks[next(iter(self._chunks))]
+        self._chunks[chunk_id] = got
+        return got
+
+    def _lookup(self, image_id: int) -> bytes | None:
+        self.fallbacks += 1
+        row = self.conn.execute(f"SELECT embedding FROM {self.table} WHERE image_id = ?", (image_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get(self, ids) -> dict[int, bytes]:
+        """``{image_id: float32 bytes}`` for those of ``ids`` that have a vector."""
+        ids = [int(i) for i in ids]
+        if not self.fast:
+            return {i: v for i in ids if (v := self._lookup(i)) is not None}
+        where = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            for rowid, chunk_id, offset in self.conn.execute(
+                    f"SELECT rowid, chunk_id, chunk_offset FROM {self.table}_rowids "
+                    f"WHERE rowid IN ({', '.join('?' * len(part))})", part):
+                where[int(rowid)] = (chunk_id, offset)
+        width = self.dim * 4
+        out = {}
+        for image_id in ids:
+            if image_id not in where:
+                continue  # no vector
+            chunk_id, offset = where[image_id]
+            size, validity, rowids, vectors = self._chunk(int(chunk_id)) if chunk_id is not None else (0, b"", [], b"")
+            ok = (offset is not None and 0 <= offset < size and offset // 8 < len(validity)
+                  and validity[offset // 8] >> (offset % 8) & 1 and offset < len(rowids)
+                  and int(rowids[offset]) == image_id and (offset + 1) * width <= len(vectors))
+            if ok:
+                out[image_id] = vectors[offset * width:(offset + 1) * width]
+            else:
+                v = self._lookup(image_id)
+                if v is not None:
+                    out[image_id] = v
+        return out
+
+
 def iter_rows(conn, db_path, statuses=("ok",)) -> Iterator[tuple[list[dict], list]]:
     """The gallery's rows with these statuses, by id, in chunks: ``(rows, blobs)`` where ``rows`` are dicts
     of :data:`ROW_COLUMNS` (path absolute, meta as parsed JSON) and ``blobs`` the stored vector bytes
     (None for a row without a vector)."""
     statuses = _statuses(statuses)
-    has_vectors = store._table_exists(conn, "image_embeddings")
+    model = store.get_model(conn)
+    reader = (VectorReader(conn, int(model["dim"]))
+              if model and store._table_exists(conn, "image_embeddings") else None)
     marks = ", ".join("?" * len(statuses))
     last = -1
     while True:
@@ -69,13 +155,7 @@ def iter_rows(conn, db_path, statuses=("ok",)) -> Iterator[tuple[list[dict], lis
         if not rows:
             return
         last = int(rows[-1]["id"])
-        blobs: dict[int, bytes] = {}
-        if has_vectors:
-            ids = [int(r["id"]) for r in rows if r["status"] == "ok"]
-            for image_id in ids:  # vec0 answers a lookup by its primary key; IN (...) is a full scan
-                got = conn.execute("SELECT embedding FROM image_embeddings WHERE image_id = ?", (image_id,)).fetchone()
-                if got is not None:
-                    blobs[image_id] = got[0]
+        blobs = reader.get(int(r["id"]) for r in rows if r["status"] == "ok") if reader else {}
         out = []
         for r in rows:
             d = {key: r[key] for key in ROW_COLUMNS}

@@ -254,6 +254,34 @@ def test_export_parquet_holds_rows_vectors_and_the_model(gallery, cli, tmp_path)
     assert pq.read_table(tmp_path / "ok.parquet").column("status").to_pylist() == ["ok"] * len(stored)
 
 
+def test_vector_reader_gives_the_vec0_bytes_across_chunks_deletes_and_replacements(tmp_path):
+    """Export reads whole sqlite-vec chunks instead of one lookup per vector: over more than one chunk
+    (1024 vectors), with vectors deleted and replaced (new slots, cleared validity bits), it gives exactly
+    what vec0 itself answers, without falling back; forced onto the lookup path it gives the same."""
+    from retrieval.export import VectorReader
+
+    conn = store.connect(tmp_path / "g.db")
+    store.ensure_model(conn, {"variant": "small", "weights_sha256": "0" * 64, "preprocess": "resize-short",
+                              "interpolation": "hf", "pooling": "cls", "dim": 8})
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((2100, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store.commit_batch(conn, [{"url": f"http://127.0.0.1/{i}.jpg", "status": "ok", "vector": v,
+                               "content_sha256": f"{i:064x}"} for i, v in enumerate(vecs)])
+    with store.transaction(conn):
+        conn.execute("DELETE FROM image_embeddings WHERE image_id IN (5, 1500, 2000)")
+        conn.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (5, ?)", (vecs[7].tobytes(),))
+    ids = list(range(1, 2101))
+    expected = {int(i): bytes(b) for i, b in conn.execute("SELECT image_id, embedding FROM image_embeddings")}
+    assert len(expected) == 2098
+    reader = VectorReader(conn, 8)
+    assert reader.get(ids) == expected and reader.fast and reader.fallbacks == 0
+    slow = VectorReader(conn, 8)
+    slow.fast = False
+    assert slow.get(ids) == expected
+    conn.close()
+
+
 def test_export_parquet_without_pyarrow_says_how_to_install_it(gallery, cli, tmp_path):
     hide = tmp_path / "hide"
     (hide / "pyarrow").mkdir(parents=True)
