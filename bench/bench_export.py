@@ -7,7 +7,7 @@ gallery of N random L2-normalised vectors:
 - the alternative: ``export --format parquet`` / ``npy`` on demand (time, file size), and a DuckDB
   cosine top-10 over the Parquet file.
 
-    python bench/bench_export.py            # N=20000, D=768 (base)
+    python bench/bench_export.py            # N=10000, D=768 (base)
     python bench/bench_export.py --n 5000 --dim 384
 """
 
@@ -54,8 +54,9 @@ def build(path: Path, vecs: np.ndarray, plain_copy: bool, batch: int = 512) -> f
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--repeat", type=int, default=2, help="builds of each gallery (best time counts)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((args.n, args.dim)).astype(np.float32)
@@ -64,8 +65,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain_db, copy_db = tmp / "gallery.db", tmp / "with_copy.db"
-        t_plain = build(plain_db, vecs, False)
-        t_copy = build(copy_db, vecs, True)
+        t_plain = t_copy = float("inf")
+        for rep in range(args.repeat):  # alternated, best of each: the machine is shared
+            for p in (plain_db, copy_db, Path(f"{plain_db}-wal"), Path(f"{copy_db}-wal")):
+                p.unlink(missing_ok=True)
+            t_plain = min(t_plain, build(plain_db, vecs, False))
+            t_copy = min(t_copy, build(copy_db, vecs, True))
         size_plain, size_copy = plain_db.stat().st_size, copy_db.stat().st_size
         conn = store.connect(plain_db)
         t = time.perf_counter()

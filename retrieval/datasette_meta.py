@@ -161,17 +161,16 @@ def serve(db_path, metadata_path, host: str = "127.0.0.1", port: int = 8001, ext
     if driver is None:
         raise InputError("Datasette cannot load sqlite-vec in this Python (its sqlite3 cannot load extensions "
                          "and neither pysqlite3 nor sqlean is installed): pip install pysqlite3-binary")
-    import importlib.util
-
-    if importlib.util.find_spec("datasette") is None:
-        raise InputError(f"Datasette is not installed: {PLUGIN_HINT}")
     if driver == "sqlean":  # before Datasette is imported: it picks its sqlite3 module at import time
         import sqlean
         import sqlean.dbapi2
 
         sys.modules["pysqlite3"] = sqlean
         sys.modules["pysqlite3.dbapi2"] = sqlean.dbapi2
-    from datasette.cli import cli
+    try:
+        from datasette.cli import cli
+    except ImportError:
+        raise InputError(f"Datasette is not installed: {PLUGIN_HINT}") from None
 
     cli.main(args=datasette_args(db_path, metadata_path, host, port) + list(extra), prog_name="datasette",
              standalone_mode=True)

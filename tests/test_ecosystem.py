@@ -466,6 +466,14 @@ def test_metadata_hides_shadow_tables_and_skips_absent_thumbnails(gallery, cli, 
     assert meta["tables"]["images"]["label_column"] == "url"
 
 
+def test_datasette_missing_says_how_to_install_it(gallery, cli, tmp_path):
+    hide = tmp_path / "hide"
+    (hide / "datasette").mkdir(parents=True)
+    (hide / "datasette" / "__init__.py").write_text("raise ImportError('No module named datasette')\n")
+    p = cli("datasette", "--db", gallery, "--port", free_port(), extra_env={"PYTHONPATH": str(hide)}, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("Error:") == 1 and "pip install" in p.stderr, p.stderr
+
+
 @pytest.mark.slow
 def test_datasette_serves_the_similar_query_like_query_id(gallery, cli, env, tmp_path):
     """`python cli.py datasette` on 127.0.0.1 (sqlite-vec loaded although this venv's sqlite3 cannot load
