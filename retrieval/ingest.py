@@ -472,7 +472,10 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
                   "duplicate": summary.duplicate, "images_per_s": summary.images_per_s}
         store.finish_run(conn, summary.run_id, counts, status)
         # the run's writes go into the database file itself: a copy of the .db alone misses nothing
-        store.checkpoint(conn)
+        try:
+            store.checkpoint(conn)
+        except store.SQLITE_ERRORS:  # e.g. the disk is full: the WAL keeps the data, the next run folds it in
+            pass
     return summary
 
 
