@@ -189,6 +189,14 @@ def test_views_on_a_gallery_made_by_the_previous_schema(tmp_path):
     assert [tuple(r) for r in plain.execute("SELECT reason, images FROM failure_reasons")] == [
         ("http-404", 2), ("not-an-image", 1)]
     plain.close()
+    # and the upgraded gallery exports like a new one
+    from retrieval.export import export_npy
+
+    conn = store.connect(db)
+    assert export_npy(conn, db, tmp_path / "v.npy")["rows"] == 1
+    conn.close()
+    assert np.load(tmp_path / "v.npy").tobytes() == v.tobytes()
+    assert json.loads((tmp_path / "v.jsonl").read_text())["meta"] == {"title": "A"}
 
 
 def test_views_of_a_real_gallery_match_its_rows(gallery):
