@@ -304,13 +304,30 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("csv:")
 
 
-def reindex_items(src_path) -> Iterator:
+def _link_original(original: str, sha: str | None, images_dir: Path | None) -> None:
+    """Hard-link a stored original into the new gallery's images folder under the name the ingest gives it
+    (``<sha[:2]>/<sha><ext>``), so the ingest finds it there and writes no copy (a folder on another file
+    system, or a link refused: it copies the bytes as usual)."""
+    name = Path(original).name
+    if images_dir is None or not sha or not name.startswith(sha):
+        return
+    dest = Path(images_dir) / sha[:2] / name
+    if dest.exists():
+        return
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(original, dest)
+    except OSError:
+        pass
+
+
+def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
     """The source gallery's rows as ingest Items whose bytes come from disk: ok rows, then duplicates,
     then failures (with their recorded reason), each group by id. The gallery is opened on the first
     ``next()`` (the ingest producer's thread: a connection belongs to the thread that made it)."""
     src = store.connect(src_path)
     try:
-        yield from _reindex_items(src, src_path)
+        yield from _reindex_items(src, src_path, images_dir)
     finally:
         try:
             src.close()
@@ -318,7 +335,7 @@ def reindex_items(src_path) -> Iterator:
             pass
 
 
-def _reindex_items(src, src_path) -> Iterator:
+def _reindex_items(src, src_path, images_dir) -> Iterator:
     from .ingest import Item
 
     queries = (
@@ -354,6 +371,8 @@ def _reindex_items(src, src_path) -> Iterator:
                         continue
                     item.local = local
                     item.original = _absolute(stored, src_path)
+                    if not local:
+                        _link_original(item.original, r["content_sha256"], images_dir)
                     if local:
                         try:
                             item.mtime = os.stat(item.original).st_mtime_ns
@@ -395,7 +414,7 @@ def reindex(src_path, out_path, encoder, *, force: bool = False, images_dir=None
         options = IngestOptions(workers=workers, images_dir=Path(images_dir or default_images_dir(out_path)))
         conn = store.connect(tmp)
         try:
-            summary = run(conn, tmp, reindex_items(src_path), f"reindex of {src_path.resolve()}", encoder,
+            summary = run(conn, tmp, reindex_items(src_path, options.images_dir), f"reindex of {src_path.resolve()}", encoder,
                           options, total=total, progress=progress)
             if summary.status == "completed":
                 store.checkpoint(conn)

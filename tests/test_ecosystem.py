@@ -346,6 +346,11 @@ def test_reindex_builds_the_same_rows_from_the_originals_without_network(tmp_pat
     originals = [Path(store_path) if Path(store_path).is_absolute() else out.parent / store_path
                  for store_path in (r["path"] for r in after if r["status"] == "ok")]
     assert all(p.is_file() for p in originals)
+    # downloaded originals are hard links to the source gallery's files, not copies
+    src_files = {r["content_sha256"]: src.parent / r["path"] for r in before if r["status"] == "ok"}
+    linked = [(src_files[r["content_sha256"]], p) for r, p in zip((r for r in after if r["status"] == "ok"), originals)
+              if r["url"].startswith("http")]
+    assert len(linked) >= 5 and all(os.path.samefile(a, b) for a, b in linked)  # 6, or 5 if local b.jpg got there first
     feats = tmp_path / "feats.npy"
     e = cli("embed", *originals, "--out", feats, "--weights", other_weights, "--pooling", "mean")
     assert e.returncode == 0, e.stderr
