@@ -2,7 +2,7 @@
 
 The only module that turns the library's exceptions into messages and exit codes:
 exit 0 success, 1 a check that ran and failed (``verify``), 2 bad input (one line on stderr naming it),
-130 interrupted.
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -140,7 +140,16 @@ def embed(
     import numpy as np
 
     from retrieval.encoder import encode_pixels
+    from retrieval.errors import InputError
 
+    # checked before any encoding work: a typo in the output folder must not cost the whole run
+    folder = out.parent
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder, not a file name")
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {out}: cannot write in {folder}")
     encoder = _encoder(weights, preprocess, interpolation, pooling, batch_size, precision, offline)
     feats = np.empty((len(images), encoder.dim), np.float32)  # (N, D)
     window = EMBED_WINDOW_BATCHES * encoder.settings.batch_size  # images decoded and held at a time
@@ -227,6 +236,7 @@ def verify(
 
 # ---------------------------------------------------------------- gallery: ingest, query, stats
 
+AllowPrivateOpt = typer.Option(False, "--allow-private", help="Also download from loopback, private and link-local addresses (your LAN); the same as DINOV2_ALLOW_PRIVATE=1.")
 DbOpt = typer.Option(None, "--db", help="Gallery database. Default: $DINOV2_DB, else gallery.db in the working directory.")
 
 
@@ -234,22 +244,37 @@ def _db_path(db: Optional[Path]) -> Path:
     return Path(db or os.environ.get("DINOV2_DB") or "gallery.db")
 
 
-def _open_db(db: Optional[Path], must_exist: bool = False):
-    from retrieval import store
+_DB_IN_USE: list = []  # the database the command works on, for main()'s one-line SQLite errors
+
+
+def _open_db(db: Optional[Path], must_exist: bool = False, readonly: bool = False):
+    """(path, connection). ``readonly``: the gallery must exist and is opened read-only (nothing created or
+    migrated; a file that is not a gallery is refused). Otherwise (ingest) the file is looked at read-only
+    first: only a missing/blank file or an undamaged gallery is opened for writing."""
+    from retrieval import dbopen, store
     from retrieval.errors import InputError
 
     path = _db_path(db)
-    if must_exist and not path.exists():
+    _DB_IN_USE[:] = [path]
+    if (must_exist or readonly) and not path.exists():
         raise InputError(f"{path}: no such gallery database (run: python cli.py ingest --csv FILE --db {path})")
+    if readonly:
+        return path, store.connect(path, readonly=True)
+    dbopen.check_for_writing(path)
     return path, store.connect(path)
 
 
 class _Progress:
-    """One self-rewriting status line on stderr (only when stderr is a terminal)."""
+    """On a terminal: one self-rewriting status line on stderr. Otherwise (a log file, a pipe): a plain line on
+    stderr every ``every`` seconds."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, enabled: bool, every: float = 10.0):
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled and (self.tty or every > 0)
+        self.every = every
         self.shown = False
+        self.told = False
+        self.last = None
 
     def __call__(self, s):
         if not self.enabled:
@@ -260,10 +285,23 @@ class _Progress:
             left = (s.total - s.done) / max(rate, s.done / max(s.seconds, 1e-9))
             eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         total = f"/{s.total}" if s.total else ""
-        sys.stderr.write(f"\r{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
-                         f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}\033[K")
-        sys.stderr.flush()
-        self.shown = True
+        if not self.told and getattr(s, "url_column", None):  # say at once which column the URLs come from
+            self.told = True
+            sys.stderr.write(f"URLs from column '{s.url_column}' ({s.url_column_how})\n")
+        text = (f"{s.done}{total}  new {s.new}  skipped {s.skipped}  failed {s.failed}"
+                f"  duplicate {s.duplicate}  {rate:.2f} img/s{eta}")
+        if self.tty:
+            out = getattr(sys.stderr, "raw", sys.stderr)  # our own \r and erase-line, past the cleaning stream
+            out.write(f"\r{text}\033[K")
+            out.flush()
+            self.shown = True
+            return
+        if self.last is None:
+            self.last = s.seconds
+        elif s.seconds - self.last >= self.every:
+            self.last = s.seconds
+            sys.stderr.write(f"progress {s.seconds:.0f} s: {text}\n")
+            sys.stderr.flush()
 
     def close(self):
         if self.shown:
@@ -273,6 +311,8 @@ class _Progress:
 def _summary_line(s, db_path) -> str:
     line = (f"{s.status}: {s.new} new, {s.skipped} skipped, {s.failed} failed, {s.duplicate} duplicate"
             f" in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s) -> {db_path} (run {s.run_id})")
+    if getattr(s, "url_column", None):
+        line += f"\nURLs from column '{s.url_column}' ({s.url_column_how})"
     if s.reasons:
         line += "\nfailed: " + ", ".join(f"{tag} x{n}" for tag, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
     return line
@@ -293,10 +333,15 @@ def ingest(
     max_attempts: int = typer.Option(3, "--max-attempts", help="Transient failures (timeouts, 5xx, 429) are retried on later runs until this many attempts."),
     images_dir: Optional[Path] = typer.Option(None, "--images-dir", help="Where downloaded originals are stored. Default: <db name>_images beside the database."),
     timeout: float = typer.Option(60.0, "--timeout", help="Total seconds allowed for one download."),
-    max_mb: float = typer.Option(50.0, "--max-mb", help="Largest download accepted, in MB."),
+    max_mb: float = typer.Option(50.0, "--max-mb", help="Largest download or local file accepted, in MB."),
+    files_root: Optional[Path] = typer.Option(None, "--files-root", help="Local files named in the CSV (or found by --dir) are read only inside this folder (symlinks resolved). Default: the CSV's folder (--dir: that folder)."),
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+    allow_private: bool = AllowPrivateOpt,
+    memory_mb: float = typer.Option(1024, "--memory-mb", help="Memory for downloads in flight plus decoded images waiting for the encoder, together, in MB."),
+    url_column: Optional[str] = typer.Option(None, "--url-column", help="The CSV column holding the URLs (a header name or 1-based number). Default: the column whose cells look like URLs or image file names."),
+    progress_every: float = typer.Option(10.0, "--progress-every", help="When stderr is not a terminal: a plain progress line every this many seconds (0: none)."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -314,6 +359,12 @@ def ingest(
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
+    if csv is not None:  # a binary file, a bad --url-column: one line before anything is created
+        from retrieval.csvread import read_rows
+
+        read_rows(csv, url_column=url_column).close()
+    elif url_column is not None:
+        raise ConfigError("--url-column goes with --csv")
     if folder is not None and not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     if not (math.isfinite(timeout) and timeout > 0):
@@ -321,26 +372,62 @@ def ingest(
     max_bytes = int(max_mb * 1024 * 1024) if math.isfinite(max_mb) else 0
     if not 1 <= max_bytes <= 2**40:
         raise ConfigError(f"--max-mb {max_mb:g}: expected a number of megabytes above 0, at most {2**20}")
-    fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes)
+    fetch = FetchConfig(deadline=timeout, max_bytes=max_bytes, allow_private=True if allow_private else None)
+    if files_root is not None and not files_root.is_dir():
+        raise InputError(f"--files-root {files_root}: no such folder")
     options = I.IngestOptions(workers=workers, retry_failed=retry_failed, max_attempts=max_attempts,
-                              images_dir=images_dir, fetch=fetch)
-    db_path, conn = _open_db(db)
-    recorded = get_model(conn) or {}
+                              images_dir=images_dir, fetch=fetch, files_root=files_root,
+                              memory_mb=memory_mb)
+    from retrieval import dbopen, store
+    from retrieval.errors import ModelMismatchError
+    from retrieval.lazyencoder import LazyEncoder, weights_sha256
+
+    db_path = _db_path(db)
+    _DB_IN_USE[:] = [db_path]
+    info = dbopen.check_for_writing(db_path)  # a foreign or damaged file is refused here, untouched
+    recorded = {}
+    if info.kind == "gallery" and "model" in info.tables:
+        ro = store.connect(db_path, readonly=True)
+        try:
+            recorded = get_model(ro) or {}
+        finally:
+            ro.close()
     settings = EncoderSettings(
         preprocess=preprocess or recorded.get("preprocess", "resize-short"),
         interpolation=interpolation or recorded.get("interpolation", "hf"),
         pooling=pooling or recorded.get("pooling", "cls"),
         batch_size=batch_size,
     )
-    encoder = load_encoder(resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline),
-                           settings)
-    progress = _Progress(not quiet)
+    diffs = [f"{key} {recorded[key]!r}, not {getattr(settings, key)!r}" for key in ("preprocess", "interpolation", "pooling")
+             if recorded and str(recorded[key]) != getattr(settings, key)]
+    if diffs:
+        raise ModelMismatchError(f"{db_path} was built with {'; '.join(diffs)}")
+    # the weights are found (downloaded if need be) before a new gallery file is created
+    weights_path = resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline)
+    sha = weights_sha256(weights_path)  # remembered per file: a re-run does not read the weights again
+    if recorded:
+        if sha != recorded["weights_sha256"]:
+            raise ModelMismatchError(f"{db_path} was built with weights sha256 {store._short(recorded['weights_sha256'])} "
+                                     f"({recorded['variant']}), not {store._short(sha)} ({weights_path})")
+        encoder = LazyEncoder(weights_path, settings, sha)  # loaded only if something needs encoding
+    else:
+        encoder = load_encoder(weights_path, settings)
+        encoder._sha256 = sha
+    try:
+        conn = store.connect(db_path)
+    except DatabaseError as exc:  # e.g. a migration waiting for another program's lock
+        if dbopen.is_lock(exc):
+            raise dbopen.locked_error(db_path, exc) from None
+        raise
+    progress = _Progress(not quiet, progress_every)
     try:
         if csv is not None:
-            summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
+            summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress, url_column=url_column)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
     except SQLITE_ERRORS as exc:  # e.g. the disk filled up: what was committed stays, the next run resumes
+        if dbopen.is_damage(exc) or dbopen.is_lock(exc):
+            raise dbopen.explain(db_path, exc) from exc
         raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
     finally:
         progress.close()
@@ -360,6 +447,7 @@ def query(
     weights: Optional[str] = WeightsOpt,
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
+    allow_private: bool = AllowPrivateOpt,
 ):
     """Find the gallery images most like a query image (cosine similarity)."""
     import json
@@ -367,14 +455,15 @@ def query(
     from retrieval import query as Q
     from retrieval.decode import decode, open_path
     from retrieval.errors import ConfigError, InputError
-    from retrieval.fetch import Fetcher
+    from retrieval.fetch import FetchConfig, Fetcher
     from retrieval.hub import resolve_weights
+    from retrieval.safety import redact_url
 
     if sum(x is not None for x in (image, url, image_id)) != 1:
         raise ConfigError("give exactly one query: an image file, --url URL or --id N")
     if k < 1:
         raise ConfigError(f"-k {k}: expected a positive number")
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, readonly=True)
     if image_id is not None:
         results = Q.by_id(conn, image_id, k)
     else:
@@ -382,11 +471,11 @@ def query(
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
-            with Fetcher() as fetcher:
+            with Fetcher(FetchConfig(allow_private=True if allow_private else None)) as fetcher:
                 res = fetcher.fetch(url)
             if not res.ok:
-                raise InputError(f"{url}: {res.reason}")
-            img = decode(res.data, url)
+                raise InputError(f"{redact_url(url)}: {res.reason}")
+            img = decode(res.data, redact_url(url))
         else:
             img = open_path(image)
         results = Q.by_image(conn, encoder, img, k)
@@ -416,7 +505,7 @@ def stats(
 
     from retrieval import store
 
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, readonly=True)
     s = store.stats(conn)
     if as_json:
         typer.echo(json.dumps(s, indent=2, default=str))
@@ -442,6 +531,7 @@ def stats(
 def doctor(
     db: Optional[Path] = DbOpt,
     repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed without losing an ok row that has a vector; checkpoint the WAL."),
+    recover: Optional[Path] = typer.Option(None, "--recover", help="A damaged database: copy every readable row into this NEW file (a working gallery) and say what was lost."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ):
     """Check a gallery database (integrity, vectors vs rows, norms, model, migrations, runs, files, WAL) and say how to repair it.
@@ -449,9 +539,35 @@ def doctor(
     Exit 0 when healthy (after --repair: when every problem was fixed), 1 when problems remain.
     """
     import json
+    import shlex
 
     from retrieval import doctor as D
+    from retrieval.errors import ConfigError
 
+    _DB_IN_USE[:] = [_db_path(db)]
+    if recover is not None:
+        from retrieval.recover import recover as recover_db
+
+        if repair:
+            raise ConfigError("give --repair or --recover, not both")
+        source = _db_path(db)
+        result = recover_db(source, recover)
+        after = D.examine(recover)
+        if as_json:
+            typer.echo(json.dumps({**result.as_dict(), "healthy": after.healthy}, indent=2, default=str))
+        else:
+            typer.echo("\n".join(result.lines()))
+            if after.healthy:
+                src_q, new_q = shlex.quote(str(source)), shlex.quote(str(recover))
+                typer.echo(f"{recover}: a healthy gallery. Use it with --db {new_q}, or put it in place of the "
+                           f"damaged one (keep a copy of that first if you like): "
+                           f"rm -f {shlex.quote(str(source) + '-wal')} {shlex.quote(str(source) + '-shm')} "
+                           f"&& mv {new_q} {src_q}")
+            else:
+                typer.echo(D.format_report(after))
+        if not after.healthy:
+            raise typer.Exit(1)
+        return
     report = D.examine(_db_path(db), repair_it=repair)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
@@ -587,6 +703,29 @@ def datasette_cmd(
         conn.close()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the same clean stop as Ctrl-C (an ingest records its run
+    'interrupted'), then exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _interruption(exc) -> Optional[BaseException]:
+    """The KeyboardInterrupt behind an exit (typer turns Ctrl-C into a silent exit 130), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main() -> None:
     # Pillow warns on stderr about any image declaring more than its MAX_IMAGE_PIXELS, before our own
     # size check (decode.py) turns that image into a one-line "too-large" failure: the warning is noise.
@@ -594,12 +733,38 @@ def main() -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # nothing printed reaches the terminal raw: control and bidi characters from file names, URLs, servers
+    # and CSV cells are shown escaped (\u001b), JSON output stays valid (retrieval/safety.py)
+    from retrieval.safety import SafeTextStream
+
+    sys.stdout, sys.stderr = SafeTextStream(sys.stdout), SafeTextStream(sys.stderr)
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
+        try:
+            app()
+        except SystemExit as exc:
+            interrupt = _interruption(exc)
+            if interrupt is None:
+                raise
+            raise interrupt from None
     except RetrievalError as exc:
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Exception as exc:  # a SQLite error from the gallery (damaged, locked, older schema): one line
+        from retrieval.store import SQLITE_ERRORS
+
+        if not isinstance(exc, SQLITE_ERRORS):
+            raise
+        from retrieval.dbopen import explain
+
+        typer.echo(f"Error: {explain(_DB_IN_USE[0] if _DB_IN_USE else 'database', exc)}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            typer.echo("Interrupted (SIGTERM).", err=True)
+            sys.exit(143)
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
 

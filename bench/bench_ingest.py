@@ -128,7 +128,8 @@ def encoder_alone(encoder, pixels: list, bs: int) -> dict:
 
 def child_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DINOV2_") and "proxy" not in k.lower()}
-    env.update(DINOV2_OFFLINE="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env.update(DINOV2_OFFLINE="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+               DINOV2_ALLOW_PRIVATE="1")  # its HTTP server is on 127.0.0.1
     return env
 
 

@@ -9,16 +9,25 @@ The file is read record by record (``csv.reader`` over the open text file): memo
 number of rows, and a field can never exceed ``csv.field_size_limit()`` (an unclosed quote is reported as a
 malformed row, and reading resumes on the next line).
 
-Encoding: a UTF-8 BOM is skipped (``utf-8-sig``), a UTF-16 BOM switches to UTF-16 (Excel's "Unicode text").
+Encoding: a UTF-8 BOM is skipped (``utf-8-sig``), a UTF-16 or UTF-32 BOM switches to that encoding (Excel's
+"Unicode text"), and so does UTF-16 without a BOM (recognised by its NUL bytes in every other position).
 The file is opened with ``errors="surrogateescape"``, so invalid bytes never stop the reader: a record that
 contains some gets ``error="encoding: ..."`` and its text is kept with U+FFFD in place of each bad byte (so
-it can always be printed or stored). Pass ``encoding="latin-1"`` (or any codec) for a file that is not UTF-8.
+it can always be printed or stored); in UTF-16/32 a bad code unit becomes U+FFFD. Pass ``encoding="latin-1"``
+(or any codec) for a file that is not UTF-8.
+
+Binary files (an image, a spreadsheet, a compressed file... passed by mistake) are refused with one line
+naming the file and what it looks like: NUL bytes in a file that is not UTF-16/32, or control characters
+making up more than 5% of its first 64 KB.
 
 Header: the first non-blank record is a header when none of its cells looks like a URL (contains ``://``, or
-starts like ``www.`` / ``host.tld/``). The URL column is the first header cell named (case-insensitive;
-spaces and hyphens count as underscores) url, image_url, imageurl, img_url, image, link, src or uri, else
-the first column; ``url_column=`` names it explicitly. Without a header the first column holds the URLs and
-the other columns are kept in ``meta`` as col2, col3, ...
+starts like ``www.`` / ``host.tld/``). The URL column is chosen by what its cells hold: among the first
+:data:`SAMPLE_ROWS` data rows, the column with the most cells that look like a URL or an image file name
+(``cat.jpg``); on a tie, the one whose header is named (case-insensitive; spaces and hyphens count as
+underscores) url, image_url, imageurl, img_url, image, link, src or uri, then the leftmost. When no cell
+looks like either, the named column, else the first. ``url_column=`` names it explicitly (a header name or a
+1-based number). ``url_column_how`` says how it was chosen ("by content", "by name", "first column",
+"given"). Without a header the other columns are kept in ``meta`` as col2, col3, ...
 
 Delimiter: ``,`` unless the first line has no comma but a tab (TSV) or, for a header line, a semicolon
 (Excel in many locales); ``delimiter=`` overrides.
@@ -29,6 +38,7 @@ from __future__ import annotations
 import codecs
 import csv
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,10 +46,22 @@ from urllib.parse import urlsplit
 
 from retrieval.errors import InputError
 
-__all__ = ["Row", "CsvRows", "read_rows", "check_url", "clean_url", "URL_COLUMN_NAMES", "MAX_URL_LENGTH"]
+__all__ = ["Row", "CsvRows", "read_rows", "check_url", "clean_url", "URL_COLUMN_NAMES", "MAX_URL_LENGTH",
+           "SAMPLE_ROWS"]
 
 URL_COLUMN_NAMES = ("url", "image_url", "imageurl", "img_url", "image", "link", "src", "uri")
 MAX_URL_LENGTH = 8192
+SAMPLE_ROWS = 100  # data rows looked at to choose the URL column
+_FILE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".ppm",
+                  ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".jp2", ".qoi")
+# what a binary file passed as a CSV looks like, for the message
+_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+          (b"PK\x03\x04", "a ZIP archive (an .xlsx or .ods spreadsheet?)"), (b"\x1f\x8b", "a gzip file"),
+          (b"%PDF", "a PDF document"), (b"\x7fELF", "a program"), (b"SQLite format 3\x00", "an SQLite database"),
+          (b"\xd0\xcf\x11\xe0", "an old Office document (.xls?)"), (b"BZh", "a bzip2 file"),
+          (b"\xfd7zXZ", "an xz file"), (b"7z\xbc\xaf", "a 7-Zip archive"), (b"II*\x00", "a TIFF image"),
+          (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"))
+_BINARY_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 
 # zero-width and BOM characters that survive copy-paste and str.strip()
 _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060\u200e\u200f"
@@ -149,6 +171,32 @@ def _looks_like_url(cell: str) -> bool:
     return "://" in c or bool(_SCHEMELESS_URL.match(c))
 
 
+def _looks_fetchable(cell: str) -> bool:
+    """A cell that looks like a URL, or like an image file's name (``cat.jpg``, ``photos/a b.PNG``)."""
+    c = cell.strip().strip(_INVISIBLE).strip()
+    if not c or len(c) > MAX_URL_LENGTH:
+        return False
+    if _looks_like_url(c):
+        return True
+    return "\n" not in c and c.lower().endswith(_FILE_SUFFIXES) and len(c) > 4
+
+
+def _sniff_encoding(head: bytes) -> str:
+    """utf-32 / utf-16 by their BOM or (UTF-16 without one) by NULs in every other byte, else utf-8-sig."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    sample = head[: 4096 - 4096 % 2]
+    if len(sample) >= 8:
+        even, odd = sample[0::2], sample[1::2]
+        if odd.count(0) >= 0.9 * len(odd) and even.count(0) <= 0.1 * len(even):
+            return "utf-16-le"
+        if even.count(0) >= 0.9 * len(even) and odd.count(0) <= 0.1 * len(odd):
+            return "utf-16-be"
+    return "utf-8-sig"
+
+
 def _norm_name(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().strip(_INVISIBLE).strip().lower())
 
@@ -187,21 +235,24 @@ class CsvRows:
             raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
 
         if encoding is None:
-            if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-                encoding = "utf-16"
-            else:
-                encoding = "utf-8-sig"
+            encoding = _sniff_encoding(head)
         else:
             try:
                 codecs.lookup(encoding)
             except LookupError:
                 raise InputError(f"{self.path}: unknown encoding '{encoding}'") from None
         self.encoding = encoding
-        if b"\x00" in head and not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32")):
-            raise InputError(f"{self.path}: contains NUL bytes; not a text CSV file "
-                             "(an image, a spreadsheet .xlsx, a compressed file?)")
+        wide = encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32"))
+        kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+        if b"\x00" in head and not wide:
+            raise InputError(f"{self.path}: not a text CSV file: it contains NUL bytes"
+                             f" ({f'it looks like {kind}' if kind else 'an image, a spreadsheet, a compressed file?'})")
 
         head_text = head.decode(encoding, "replace")
+        controls = len(_BINARY_CONTROLS.findall(head_text))
+        if controls > max(8, len(head_text) // 20) or (head_text.count("\ufffd") > max(64, len(head_text) // 4)):
+            raise InputError(f"{self.path}: not a text CSV file: binary data"
+                             f" ({f'it looks like {kind}' if kind else f'{controls} control characters in its first {len(head)} bytes'})")
         first_line = next((ln for ln in head_text.splitlines() if ln.strip().strip(_INVISIBLE)), "")
         if delimiter is None:
             delimiter = ","
@@ -215,33 +266,63 @@ class CsvRows:
         self.delimiter = delimiter
 
         try:
-            self._file = open(p, "r", encoding=encoding, errors="surrogateescape", newline="")
+            # surrogateescape works for byte-oriented codecs only; UTF-16/32 replace bad code units by U+FFFD
+            self._file = open(p, "r", encoding=encoding, errors="replace" if wide else "surrogateescape", newline="")
         except OSError as exc:  # pragma: no cover - it could be read a moment ago
             raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         self._reader = csv.reader(self._file, delimiter=delimiter)
         self._prev_line = 0
-        self._pending: tuple | None = None  # the first record, when it is data rather than a header
+        self._pending: deque = deque()  # records read ahead (to choose the URL column), handed out first
         self._closed = False
 
         self.header: list[str] | None = None
         self._names: list[str] = []
         self.url_index = 0
+        self.url_column_how = "given" if url_column is not None else "first column"
         first = self._next_record()
         if first is not None:
             if first[0] == "error" or any(_looks_like_url(c) for c in first[1]):
-                self._pending = first
+                self._pending.append(first)
             else:
                 self.header = [_fix_text(c) if _SURROGATE.search(c) else c for c in first[1]]
+        if url_column is None:
+            while len(self._pending) < SAMPLE_ROWS:
+                rec = self._next_record()
+                if rec is None:
+                    break
+                self._pending.append(rec)
         self._setup_columns(url_column)
 
     # -- columns
+
+    def _by_content(self, named: int | None) -> int | None:
+        """The column whose sampled cells most often look like a URL or an image file name (ties: the named
+        column, then the leftmost), or None when no cell does."""
+        scores: dict[int, int] = {}
+        for rec in self._pending:
+            if rec[0] == "error":
+                continue
+            for i, cell in enumerate(rec[1]):
+                if _looks_fetchable(cell):
+                    scores[i] = scores.get(i, 0) + 1
+        if not scores:
+            return None
+        best = max(scores.values())
+        if named is not None and scores.get(named, 0) == best:
+            return named
+        return min(i for i, s in scores.items() if s == best)
 
     def _setup_columns(self, url_column) -> None:
         if self.header is None:
             if url_column is not None and not (isinstance(url_column, int) or str(url_column).isdigit()):
                 raise InputError(f"{self.path}: no header row, so no column named '{url_column}' "
                                  "(give a 1-based column number instead)")
-            self.url_index = int(url_column) - 1 if url_column is not None else 0
+            if url_column is not None:
+                self.url_index = int(url_column) - 1
+            else:
+                found = self._by_content(None)
+                self.url_index = found or 0
+                self.url_column_how = "by content" if found is not None else "first column"
             if self.url_index < 0:
                 raise InputError(f"{self.path}: column numbers start at 1")
             self.url_column = f"col{self.url_index + 1}"
@@ -258,7 +339,14 @@ class CsvRows:
         self._names = names
         normed = [_norm_name(h) for h in self.header]
         if url_column is None:
-            self.url_index = next((i for i, n in enumerate(normed) if n in URL_COLUMN_NAMES), 0)
+            named = next((i for i, n in enumerate(normed) if n in URL_COLUMN_NAMES), None)
+            found = self._by_content(named)
+            if found is not None:
+                self.url_index = found
+                self.url_column_how = "by name" if found == named else "by content"
+            else:
+                self.url_index = named if named is not None else 0
+                self.url_column_how = "by name" if named is not None else "first column"
         elif isinstance(url_column, int) or (str(url_column).isdigit() and _norm_name(str(url_column)) not in normed):
             self.url_index = int(url_column) - 1
             if not 0 <= self.url_index < len(names):
@@ -334,8 +422,8 @@ class CsvRows:
     def __next__(self) -> Row:
         if self._closed:
             raise StopIteration
-        if self._pending is not None:
-            rec, self._pending = self._pending, None
+        if self._pending:
+            rec = self._pending.popleft()
         else:
             rec = self._next_record()
         if rec is None:

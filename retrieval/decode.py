@@ -40,6 +40,8 @@ Conversion to RGB (see also docs/images.md)
   ``RGBA`` keeping the high byte, ``v // 256``; that differs from ``round(v / 257)`` by at most
   one level and is kept as is.
 * ``F`` (32-bit float): NaN -> 0, clipped to 0..255, rounded to the nearest integer.
+* 16-bit, 32-bit integer and float images are converted a strip of rows at a time (about 262,000 pixels
+  each): the conversion needs no more than the 8-bit result plus a few MB, not full-size 64-bit copies.
 * ``1`` (bilevel) -> 0 / 255; ``L`` -> grey RGB; ``CMYK`` (including Adobe's inverted CMYK
   JPEGs, which Pillow's JPEG decoder un-inverts), ``YCbCr``, ``HSV``, ``RGBX``, ``P`` without
   transparency, ``LAB``: Pillow's ``convert("RGB")`` (``LAB`` through ``PIL.ImageCms`` to sRGB
@@ -220,15 +222,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     transparency = img.info.get("transparency")
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(img).astype(np.int64)
-        grey = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
-        if isinstance(transparency, int):
-            alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        keyed = isinstance(transparency, int)
+        grey = np.empty((img.height, img.width), np.uint8)
+        alpha = np.empty((img.height, img.width), np.uint8) if keyed else None
+        for y, block in _row_strips(img):  # a strip at a time: no full-size int64 copies
+            values = block.astype(np.int64)
+            grey[y:y + len(values)] = (np.clip(values, 0, 65535) + 128) // 257
+            if keyed:
+                alpha[y:y + len(values)] = np.where(values == transparency, 0, 255)
+        if keyed:
             return _over_white(Image.fromarray(np.stack([grey, alpha], axis=-1), "LA").convert("RGBA"))
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+        grey = np.empty((img.height, img.width), np.uint8)
+        for y, block in _row_strips(img):
+            values = np.nan_to_num(block.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+            grey[y:y + len(values)] = np.floor(np.clip(values, 0.0, 255.0) + 0.5)
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "La":  # premultiplied grey + alpha: Pillow converts it only to LA
         img = img.convert("LA")
@@ -242,6 +251,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode != "LAB":  # an older Pillow may not convert LAB itself
             raise
         return _lab_to_rgb(img)
+
+
+def _row_strips(img: Image.Image, pixels: int = 1 << 18):
+    """``(top row, array)`` for successive horizontal strips of about ``pixels`` pixels of ``img``, so that
+    converting a 16-bit or float image within the pixel limit never makes full-size 64-bit copies (a
+    89-megapixel float image would need 700 MB per copy)."""
+    step = max(1, pixels // max(1, img.width))
+    for y in range(0, img.height, step):
+        yield y, np.asarray(img.crop((0, y, img.width, min(img.height, y + step))))
 
 
 def _over_white(rgba: Image.Image) -> Image.Image:

@@ -6,8 +6,9 @@ again. Each check ends ``ok``, ``problem`` or ``fixed`` (a problem that ``--repa
 ``skipped`` (its tables do not exist yet). The checks:
 
 - ``versions``: ``sqlite_version()`` and ``vec_version()`` (information);
-- ``quick_check``, ``integrity_check``: SQLite's own. A corrupt database is never repaired here: the
-  manual route is ``sqlite3 gallery.db ".recover" | sqlite3 fixed.db``;
+- ``quick_check``, ``integrity_check``: SQLite's own. A corrupt database is never repaired in place: the
+  route is ``python cli.py doctor --db gallery.db --recover new.db`` (``retrieval/recover.py``: every
+  readable row into a new file);
 - ``migrations``: applied vs available (pending ones are applied by ``--repair``; a migration this code
   does not know means the database is newer than the code);
 - ``model``: the model record exists when there are vectors, the ``image_embeddings`` vec0 table exists,
@@ -22,6 +23,8 @@ again. Each check ends ``ok``, ``problem`` or ``fixed`` (a problem that ``--repa
 - ``runs``: runs left 'running' by a process of this host that no longer exists -> 'interrupted';
 - ``originals``: stored originals (``images.path``, relative to the database's folder or absolute; for
   local-file rows the file itself) missing on disk: manual (restore them; the vectors are intact);
+- ``orphan_files``: files in the images folder (``<db name>_images``) that no row refers to, e.g. originals
+  stored by a run killed before it committed their rows -> deleted (not while a run is in progress);
 - ``wal``: the size of the ``-wal`` file (a problem above :data:`WAL_LIMIT`): ``--repair`` always runs
   ``PRAGMA wal_checkpoint(TRUNCATE)``.
 
@@ -33,15 +36,13 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 
-from . import store
+from . import dbopen, store
 from .errors import DatabaseError, InputError
 
 EXAMPLES = 5  # ids shown per problem
@@ -97,51 +98,21 @@ class Report:
 # ---------------------------------------------------------------- opening
 
 
-def open_gallery(path):
-    """A connection to an existing gallery database, without creating it or migrating it.
+def open_gallery(path, *, readonly: bool = True):
+    """A connection to an existing gallery database, without creating it or migrating it: read-only unless
+    ``readonly=False`` (``--repair``).
 
-    InputError when the file does not exist; DatabaseError when it is not a SQLite database or holds no
-    gallery tables (a foreign SQLite file is left untouched: it is first opened read-only)."""
+    InputError when the file does not exist; DatabaseError when it is not a SQLite database or not a gallery
+    (the file is looked at read-only first and left untouched; see ``retrieval/dbopen.py``)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such gallery database")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    driver = store._driver()
-    uri = "file:" + quote(str(path.resolve())) + "?mode=ro"
-    names = None
-    try:
-        ro = driver.connect(uri, uri=True, timeout=store.BUSY_TIMEOUT_S)
-        try:
-            names = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            ro.close()
-    except store.SQLITE_ERRORS as exc:
-        if not _looks_like_sqlite(path):
-            raise DatabaseError(f"{path}: not a SQLite database ({exc})") from None
-        # a SQLite file that cannot be read read-only (e.g. a WAL file without its -shm): try the normal way
-    if names is not None and not names & {"images", "migrations"}:
-        raise DatabaseError(f"{path}: not a gallery database (no images or migrations table)")
-    try:
-        return store.connect(path, apply_migrations=False)
-    except DatabaseError as exc:
-        if _looks_like_sqlite(path):
-            raise DatabaseError(f"{exc}; if the file is corrupt, recover it: {recover_command(path)}") from None
-        raise
-
-
-def _looks_like_sqlite(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        return False
+    if readonly:
+        return dbopen.open_readonly(path, allow_newer=True)
+    dbopen._refuse(dbopen.inspect_file(path), allow_newer=True)
+    return store.connect(path, apply_migrations=False)
 
 
 def recover_command(path) -> str:
-    p = shlex.quote(str(path))
-    fixed = shlex.quote(str(Path(path).with_name(Path(path).stem + "-recovered.db")))
-    return f'sqlite3 {p} ".recover" | sqlite3 {fixed}'
+    return dbopen.recover_command(path)
 
 
 # ---------------------------------------------------------------- helpers
@@ -220,9 +191,9 @@ def _pragma_check(pragma):
         ctx["corrupt"] = True
         return Check(pragma, "problem", detail=f"the database is corrupt ({_plural(len(lines), 'error')}): "
                      f"{lines[0]}", count=len(lines), examples=lines[:EXAMPLES],
-                     repair=f"not repaired here: recover the data into a new file with "
-                            f"{recover_command(ctx['path'])}, check it with `python cli.py doctor --db <that file>`, "
-                            f"then replace the database with it (and delete the old -wal and -shm files)")
+                     repair=f"not repaired here: copy every readable row into a new gallery with "
+                            f"{recover_command(ctx['path'])} (it says what was lost and how to put the new file "
+                            f"in place)")
     check.__name__ = pragma
     return check
 
@@ -384,6 +355,49 @@ def _originals(conn, ctx) -> Check:
                         "from a backup; put moved local files back, or ingest them from their new place")
 
 
+def _images_dir(path) -> Path:
+    p = Path(path).resolve()
+    return p.with_name(p.stem + "_images")  # ingest.default_images_dir
+
+
+def _orphan_paths(conn, path) -> list:
+    """Files in the gallery's images folder that no row refers to: originals stored by a run that stopped before
+    committing their rows (or temporary files of a write cut short)."""
+    folder = _images_dir(path)
+    if not folder.is_dir():
+        return []
+    db_dir = Path(path).resolve().parent
+    referenced = set()
+    for (stored,) in conn.execute("SELECT path FROM images WHERE path IS NOT NULL AND path != ''"):
+        p = Path(stored)
+        referenced.add(str(p if p.is_absolute() else db_dir / p))
+    found = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            f = Path(dirpath) / name
+            if str(f) not in referenced and str(f.resolve()) not in referenced:
+                found.append(f)
+    return sorted(found)
+
+
+def _orphan_files(conn, ctx) -> Check:
+    if "images" not in ctx["tables"]:
+        return Check("orphan_files", "skipped", detail="no images table (see migrations)")
+    folder = _images_dir(ctx["path"])
+    files = _orphan_paths(conn, ctx["path"])
+    if not files:
+        return Check("orphan_files", detail=f"no file in {folder.name}/ without a row")
+    names = [str(f.relative_to(folder)) for f in files]
+    if "runs" in ctx["tables"] and _stale_runs(conn)[1]:
+        return Check("orphan_files", detail=f"{_plural(len(files), 'file')} in {folder.name}/ without a row yet "
+                     "(a run is in progress)", count=len(files), examples=names[:EXAMPLES])
+    return Check("orphan_files", "problem",
+                 detail=f"{_plural(len(files), 'file')} in {folder.name}/ that no row refers to (stored by a run "
+                        f"that stopped before committing them): {_listed(names)}",
+                 count=len(files), examples=names[:EXAMPLES], auto=True,
+                 repair="--repair deletes them (the next ingest stores them again if it needs them)")
+
+
 def _wal(conn, ctx) -> Check:
     wal = _size(str(ctx["path"]) + "-wal")
     mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -396,7 +410,7 @@ def _wal(conn, ctx) -> Check:
 
 
 CHECKS = (_versions, _pragma_check("quick_check"), _pragma_check("integrity_check"), _migrations, _model,
-          _vectors_missing, _vectors_orphan, _vector_norms, _duplicates, _runs, _originals, _wal)
+          _vectors_missing, _vectors_orphan, _vector_norms, _duplicates, _runs, _originals, _orphan_files, _wal)
 
 
 def diagnose(conn, path) -> tuple[list, dict]:
@@ -442,10 +456,12 @@ def _mark_refetch(conn, ids, reason, now) -> None:
             f"WHERE id IN ({', '.join('?' * len(chunk))})", (reason, now, *chunk))
 
 
-def repair(conn, path) -> list[str]:
+def repair(conn, path, *, known_missing=None) -> list[str]:
     """Fix what can be fixed, in one transaction, then checkpoint the WAL; returns what was done.
 
-    Never deletes an ok row or the vector of an ok row whose vector is usable."""
+    Never deletes an ok row or the vector of an ok row whose vector is usable. ``known_missing`` (from
+    ``doctor --recover``, which inserted only checked unit vectors of ok rows): the ok rows without a vector,
+    so the scans of the vectors table are skipped."""
     actions = []
     now = store._now()
     with store.transaction(conn):
@@ -459,7 +475,13 @@ def repair(conn, path) -> list[str]:
             actions.append(f"created image_embeddings float[{int(model['dim'])}]")
             tables = _tables(conn)
         width = _vec_width(conn)
-        if ("image_embeddings" in tables and "images" in tables and width
+        if known_missing is not None:
+            ids = sorted(known_missing)
+            _mark_refetch(conn, ids, VECTOR_MISSING, now)
+            if ids:
+                actions.append(f"marked {_plural(len(ids), 'ok row')} without a vector failed "
+                               f"(\"incomplete: ...\", attempts 0: the next ingest fetches them again) (ids {_listed(ids)})")
+        elif ("image_embeddings" in tables and "images" in tables and width
                 and (model is None or width == int(model["dim"]))):
             ids = _ids(conn, store.SQL_ORPHAN_VECTORS)
             for i in ids:
@@ -517,6 +539,16 @@ def repair(conn, path) -> list[str]:
                              "WHERE id = ?", (now, run_id))
             if dead:
                 actions.append(f"marked {_plural(len(dead), 'run')} 'interrupted' (ids {_listed(dead)})")
+    if "images" in tables and not ("runs" in tables and _stale_runs(conn)[1]):  # no run in progress
+        removed = 0
+        for f in _orphan_paths(conn, path):
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            actions.append(f"deleted {_plural(removed, 'orphan file')} from {_images_dir(path).name}/")
     before = _size(str(path) + "-wal")
     busy, log, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     after = _size(str(path) + "-wal")
@@ -532,8 +564,8 @@ def repair(conn, path) -> list[str]:
 
 def examine(path, *, repair_it: bool = False) -> Report:
     """Check the gallery at ``path``; with ``repair_it``, repair then check again (problems that are gone
-    are reported ``fixed``)."""
-    conn = open_gallery(path)
+    are reported ``fixed``). Without ``repair_it`` the database is opened read-only."""
+    conn = open_gallery(path, readonly=not repair_it)
     try:
         checks, ctx = diagnose(conn, path)
         report = Report(database=str(path), checks=checks, repaired=repair_it, versions=ctx["versions"])

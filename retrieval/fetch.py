@@ -11,6 +11,9 @@ Reasons are ``"<tag>: <message>"``; the tag (``FetchResult.tag``) is one of
     http-NNN            a non-2xx answer ("http-404: Not Found"; retried 5xx/408/429 end with
                         "(gave up after N attempts)")
     timeout             no connection within connect_timeout, or no data for read_timeout
+    blocked-address     a loopback/private/link-local/... address (retrieval.netguard), unless allowed
+    host-busy           the host asked (Retry-After) for a wait longer than what is left of ``deadline``
+    host-failing        not tried: the host's last ``host_failures`` downloads failed (``fetch_many``)
     deadline            the whole download (all attempts, redirects and waits between them) took more than
                         ``deadline`` seconds -- a slow-drip server cannot hold a worker: a watchdog shuts the
                         socket down at the deadline, even in the middle of a blocking read or of the headers
@@ -27,7 +30,7 @@ Reasons are ``"<tag>: <message>"``; the tag (``FetchResult.tag``) is one of
     cancelled           the Fetcher was closed while the download was running
 
 ``transient`` says whether a later run may succeed: timeout, deadline, incomplete, connection, http-5xx,
-http-408 and http-429 are transient; the rest are permanent. Within one fetch, transient failures are
+http-408, http-429, host-busy and host-failing are transient; the rest are permanent. Within one fetch, transient failures are
 retried (``retries`` times, exponential backoff with jitter, or the server's Retry-After); DNS "no such host",
 deadline and cancelled are transient but not retried in the same run. A retry cut short by the deadline reports
 the failure that caused the retry ("connection: reset ... (gave up after 3 attempts: the 60 s deadline passed
@@ -38,7 +41,15 @@ information only); the image decoder rejects it.
 
 Politeness: at most ``per_host`` concurrent requests per host (a semaphore per host:port), and a 429/503
 with Retry-After makes *every* request to that host wait (a per-host "not before" time), not only the retry.
-Waiting for a host's turn before the first request does not count against the deadline.
+A fetch waits for its host's turn at most ``deadline`` seconds: a host that asks for a longer wait fails it
+at once as ``host-busy`` (transient).
+
+Fairness (``fetch_many``): a slow or throttling host delays only its own rows. Rows wait for their host's
+turn in a queue per host, holding no worker; a worker is given to a row only when its host has a free slot
+(at most ``per_host``, and never all the workers) and no Retry-After pending, round-robin over the hosts, so
+the other hosts' rows keep flowing. A host whose downloads failed transiently ``host_failures`` times in a
+row (timeouts, refused, 5xx, 429...) with no success in between gets its remaining rows failed at once,
+``host-failing`` (transient: a later run tries them again).
 
 Cookies are kept only within one download's redirect chain (some sites set a cookie and redirect); the
 session's own jar stores nothing, so it does not grow with millions of hosts.
@@ -54,6 +65,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,13 +79,15 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from requests.cookies import RequestsCookieJar
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
-from retrieval import __version__
+from retrieval import __version__, netguard
 from retrieval.csvread import check_url, clean_url
 from retrieval.errors import ConfigError
+from retrieval.safety import clean_text, redact_text
 
-__all__ = ["FetchConfig", "FetchResult", "Fetcher", "fetch_many", "make_session", "parse_retry_after",
-           "DEFAULT_USER_AGENT"]
+__all__ = ["FetchConfig", "FetchResult", "Fetcher", "MemoryBudget", "fetch_many", "make_session",
+           "parse_retry_after", "DEFAULT_USER_AGENT"]
 
 DEFAULT_USER_AGENT = f"dinov2-retrieval/{__version__} (image search indexer; python-requests/{requests.__version__})"
 # no AVIF/HEIC: ask for what the decoder (Pillow) reads everywhere
@@ -101,6 +115,9 @@ class FetchConfig:
     per_host: int = 4                   # concurrent requests per host:port
     chunk_size: int = 64 * 1024
     accept: str = DEFAULT_ACCEPT
+    # connect to loopback/private/link-local/... addresses (retrieval.netguard)? None: $DINOV2_ALLOW_PRIVATE
+    allow_private: bool | None = None
+    host_failures: int = 3              # transient failures in a row after which a host's other rows fail fast
 
     def __post_init__(self):
         def number(name, minimum, strict):
@@ -125,6 +142,9 @@ class FetchConfig:
         integer("max_redirects", 0, 100)
         integer("per_host", 1, 10_000)
         integer("chunk_size", 1, 2**26)
+        integer("host_failures", 0, 1_000_000)  # 0: never give up on a host
+        if self.allow_private is not None and not isinstance(self.allow_private, bool):
+            raise ConfigError(f"fetch config: allow_private must be True, False or None, got {self.allow_private!r}")
         for name in ("user_agent", "accept"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip() or any(c in v for c in "\r\n\0"):
@@ -146,6 +166,14 @@ class FetchResult:
     content_type: str | None = None
     final_url: str | None = None    # after redirects
     key: Any = None                 # the caller's tag, from fetch(url, key) / fetch_many((key, url), ...)
+    reserved: int = 0               # bytes of the Fetcher's MemoryBudget held by ``data``: see release()
+    budget: Any = None
+
+    def release(self) -> None:
+        """Give ``data``'s bytes back to the memory budget (call once done with the data; idempotent)."""
+        if self.reserved and self.budget is not None:
+            self.budget.release(self.reserved)
+        self.reserved = 0
 
     @property
     def tag(self) -> str | None:
@@ -189,14 +217,15 @@ _tls = threading.local()
 class _Entry:
     """One fetch() in progress: its absolute deadline and the connection it is using right now."""
 
-    __slots__ = ("lock", "active", "conn", "fired", "deadline_at")
+    __slots__ = ("lock", "active", "conn", "fired", "deadline_at", "allow_private")
 
-    def __init__(self):
+    def __init__(self, allow_private: bool = False):
         self.lock = threading.Lock()
         self.active = True
         self.conn = None
         self.fired = False
         self.deadline_at: float | None = None
+        self.allow_private = allow_private
 
     def attach(self, conn) -> None:
         with self.lock:
@@ -265,7 +294,11 @@ class _Watchdog:
                         self._cv.wait(delay)
                     else:
                         self._cv.wait()
-            if entry.active and not entry.kill():
+            if not entry.active:
+                continue
+            if entry.deadline_at is not None and entry.deadline_at > time.monotonic() + 0.001:
+                self.schedule(entry, entry.deadline_at)  # the deadline moved (time spent waiting for memory)
+            elif not entry.kill():
                 self.schedule(entry, time.monotonic() + 0.1)  # still connecting: try again shortly
 
     def stop(self) -> None:
@@ -276,9 +309,54 @@ class _Watchdog:
 
 
 class _TrackedConnection:
-    """Mixin for urllib3 connections: remember which fetch is using the connection, for the watchdog."""
+    """Mixin for urllib3 connections: remember which fetch is using the connection, for the watchdog; and
+    connect only to addresses that the address rules (retrieval.netguard) allow: the name is resolved once,
+    every address is checked, and the socket is connected to a checked address (no second lookup)."""
 
     _dl_entry = None
+
+    def _new_conn(self):
+        entry = getattr(_tls, "entry", None)
+        allow = entry.allow_private if entry is not None else netguard.allow_private_default()
+        if allow or getattr(self, "proxy", None) is not None:  # a proxy is the user's choice: it resolves names
+            return super()._new_conn()
+        U = urllib3.exceptions
+        try:
+            infos = netguard.resolve_checked(self._dns_host, self.port, urllib3.util.connection.allowed_gai_family())
+        except socket.gaierror as exc:
+            raise U.NameResolutionError(self.host, self, exc) from exc
+        err = None
+        for af, socktype, proto, _, sa in infos:
+            sock = None
+            try:
+                sock = socket.socket(af, socktype, proto)
+                for opt in self.socket_options or ():
+                    sock.setsockopt(*opt)
+                if self.timeout is not _DEFAULT_TIMEOUT:
+                    sock.settimeout(self.timeout)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                sock.connect(sa)
+                peer = sock.getpeername()[0]
+                if peer.split("%", 1)[0] != sa[0].split("%", 1)[0]:  # cannot happen; a last line of defence
+                    raise netguard.BlockedAddressError(f"blocked-address: connected to {peer}, not the checked {sa[0]}")
+                return sock
+            except netguard.BlockedAddressError:
+                if sock is not None:
+                    sock.close()
+                raise
+            except socket.timeout as exc:
+                if sock is not None:
+                    sock.close()
+                err = U.ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                                  f"(connect timeout={self.timeout})")
+                err.__cause__ = exc
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                err = U.NewConnectionError(self, f"Failed to establish a new connection: {exc}")
+                err.__cause__ = exc
+        raise err if err is not None else U.NewConnectionError(self, "no address to connect to")
 
     def request(self, *args, **kwargs):
         entry = getattr(_tls, "entry", None)
@@ -319,6 +397,16 @@ class _Adapter(HTTPAdapter):
         return manager
 
 
+class _Session(requests.Session):
+    def get_redirect_target(self, resp):
+        """A Location that is not UTF-8 is taken as the (latin-1) text it is, then judged like any other target
+        (requests raises UnicodeDecodeError, even with allow_redirects=False)."""
+        try:
+            return super().get_redirect_target(resp)
+        except UnicodeError:
+            return resp.headers.get("location")
+
+
 class _NoCookies(DefaultCookiePolicy):
     def set_ok(self, cookie, request):
         return False
@@ -328,7 +416,7 @@ def make_session(config: FetchConfig | None = None, workers: int = 8) -> request
     """The one Session a Fetcher uses: pools sized to the workers, no urllib3 retries (we retry), no cookie
     storage, the configured User-Agent and Accept headers."""
     config = config or FetchConfig()
-    s = requests.Session()
+    s = _Session()
     adapter = _Adapter(pool_connections=max(10, workers), pool_maxsize=max(1, min(workers, config.per_host)),
                        max_retries=0, pool_block=False)
     s.mount("http://", adapter)
@@ -339,11 +427,71 @@ def make_session(config: FetchConfig | None = None, workers: int = 8) -> request
     return s
 
 
+# ---------------------------------------------------------------- memory budget
+
+
+class MemoryBudget:
+    """Bytes that downloads in flight and images waiting for the encoder may hold together.
+
+    A download reserves its size before reading the body -- the Content-Length when announced (and not
+    compressed), else ``max_bytes`` -- and waits while that would go past ``limit``; once read, the
+    reservation shrinks to the body's size, and it is released when the caller is done with the data
+    (``FetchResult.release``). The ingest reserves each preprocessed image the same way until it is encoded
+    (``kind="pixels"``). A reservation is always granted when nothing of its kind is held (so one item larger
+    than the budget still passes, alone, and images waiting for the encoder can never be starved by
+    downloads, which would be a deadlock): ``peak`` <= ``limit`` + one such item.
+    """
+
+    def __init__(self, limit: int):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"memory budget must be a positive number of bytes, got {limit!r}")
+        self.limit = limit
+        self.in_use = 0
+        self.pixels = 0
+        self.peak = 0
+        self.waits = 0  # reservations that had to wait
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, *, kind: str = "download", cancel: threading.Event | None = None,
+                until: float | None = None) -> bool:
+        """Reserve ``n`` bytes, waiting for them; False when ``cancel`` is set or ``until`` (monotonic) passes."""
+        waited = False
+        with self._cv:
+            while True:
+                held = self.in_use if kind == "download" else self.pixels
+                if self.in_use + n <= self.limit or held == 0:
+                    self.in_use += n
+                    if kind == "pixels":
+                        self.pixels += n
+                    self.peak = max(self.peak, self.in_use)
+                    self.waits += waited
+                    return True
+                waited = True
+                if cancel is not None and cancel.is_set():
+                    return False
+                left = 0.25 if until is None else until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(0.25, left))
+
+    def release(self, n: int, *, kind: str = "download") -> None:
+        with self._cv:
+            self.in_use -= n
+            if kind == "pixels":
+                self.pixels -= n
+            self._cv.notify_all()
+
+
 # ---------------------------------------------------------------- per-host slots
 
 
 class _Cancelled(Exception):
     pass
+
+
+class _HostBusy(Exception):
+    def __init__(self, wait: float):
+        self.wait = wait
 
 
 class _HostState:
@@ -363,7 +511,14 @@ class _Hosts:
         self.lock = threading.Lock()
         self.states: dict[tuple, _HostState] = {}
 
-    def acquire(self, key: tuple, cancel: threading.Event) -> _HostState:
+    def not_before(self, key) -> float:
+        """The monotonic time before which no request may go to ``key`` (0 when none is pending)."""
+        with self.lock:
+            st = self.states.get(key)
+            return st.not_before if st is not None else 0.0
+
+    def acquire(self, key: tuple, cancel: threading.Event, limit: float | None = None) -> _HostState:
+        """Wait for a slot of ``key``'s host; _HostBusy when its Retry-After ends after ``limit``."""
         with self.lock:
             st = self.states.get(key)
             if st is None:
@@ -374,6 +529,8 @@ class _Hosts:
         try:
             while True:
                 delay = st.not_before - time.monotonic()
+                if delay > 0 and limit is not None and st.not_before > limit:
+                    raise _HostBusy(delay)
                 if delay > 0:
                     if cancel.wait(delay):
                         raise _Cancelled()
@@ -436,6 +593,7 @@ class _Outcome:
     content_type: str | None = None
     redirect: str | None = None
     final_url: str | None = None
+    reserved: int = 0
 
 
 def _fail(reason: str, transient: bool, retry: bool | None = None, status=None, ctype=None, **kw) -> _Outcome:
@@ -492,7 +650,7 @@ class Fetcher:
     """Downloads with one shared ``requests.Session``; thread-safe; ``fetch`` never raises for a bad URL or
     server. Close it (or use ``with``) when done: closing also aborts downloads still running."""
 
-    def __init__(self, config: FetchConfig | None = None, workers: int = 8):
+    def __init__(self, config: FetchConfig | None = None, workers: int = 8, budget: MemoryBudget | None = None):
         if config is None:
             config = FetchConfig()
         if not isinstance(config, FetchConfig):
@@ -501,12 +659,17 @@ class Fetcher:
             raise ConfigError(f"fetch: workers must be an integer from 1 to 1024, got {workers!r}")
         self.config = config
         self.workers = workers
+        self.budget = budget  # downloads reserve their bytes here (see MemoryBudget)
         self.session = make_session(config, workers)
+        self.allow_private = (netguard.allow_private_default() if config.allow_private is None
+                              else config.allow_private)
         self._hosts = _Hosts(config.per_host)
         self._watchdog = _Watchdog()
         self._closed = threading.Event()
         self._active: set[_Entry] = set()
         self._active_lock = threading.Lock()
+        self._failing: dict[tuple, tuple[int, str]] = {}  # host key -> (transient failures in a row, last reason)
+        self._failing_lock = threading.Lock()
 
     # -- public
 
@@ -516,6 +679,12 @@ class Fetcher:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, got {type(url).__name__}")
         t0 = time.monotonic()
+        result = self._fetch(url, key, t0)
+        if result.attempts:
+            self._record_host(_host_key(clean_url(url)), result)
+        return result
+
+    def _fetch(self, url: str, key: Any, t0: float) -> FetchResult:
         target = clean_url(url)
         bad = check_url(target)
         if bad is not None:
@@ -523,7 +692,7 @@ class Fetcher:
             return FetchResult(url=url, ok=False, reason=reason, transient=False, attempts=0,
                                elapsed=time.monotonic() - t0, key=key)
         cfg = self.config
-        entry = _Entry()
+        entry = _Entry(self.allow_private)
         jar = RequestsCookieJar()
         attempts = 0
         note = ""
@@ -538,9 +707,13 @@ class Fetcher:
                     break
                 attempts += 1
                 try:
-                    out = self._attempt(target, entry, jar)
+                    out = self._attempt(target, entry, jar, t0)
                 except _Cancelled:
                     out = _fail("cancelled: the fetcher was closed", True, False)
+                    break
+                except _HostBusy as busy:
+                    out = _fail(f"host-busy: the host asked (Retry-After) for {busy.wait:.0f} s more, longer than "
+                                f"the {cfg.deadline:g} s deadline allows", True, False)
                     break
                 if retried is not None and not out.ok and (out.reason or "").startswith("deadline:"):
                     # a retry cut short by the deadline: the failure that caused it is the explanation
@@ -570,9 +743,37 @@ class Fetcher:
                 self._active.discard(entry)
         return FetchResult(
             url=url, ok=out.ok, data=out.data if out.ok else None, http_status=out.status,
-            reason=None if out.ok else (out.reason or "connection: unknown failure") + note,
+            reason=None if out.ok else clean_text(redact_text((out.reason or "connection: unknown failure") + note)),
             transient=False if out.ok else out.transient, attempts=attempts,
-            elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key)
+            elapsed=time.monotonic() - t0, content_type=out.content_type, final_url=out.final_url, key=key,
+            reserved=out.reserved if out.ok else 0, budget=self.budget)
+
+    def host_failing(self, key) -> str | None:
+        """The ``host-failing: ...`` reason when ``key``'s host (see ``_host_key``) failed ``host_failures``
+        downloads in a row in this Fetcher's lifetime, else None."""
+        n = self.config.host_failures
+        if not n or key is None:
+            return None
+        with self._failing_lock:
+            count, last = self._failing.get(key, (0, ""))
+        if count < n:
+            return None
+        host = f"{key[1]}:{key[2]}"
+        return clean_text(f"host-failing: not tried, the last {count} downloads from {host} failed "
+                          f"(the last one: {last[:200]})")
+
+    def _record_host(self, key, result: "FetchResult") -> None:
+        """Count transient failures in a row per host; an answer of the host (ok or a permanent failure) resets."""
+        if not self.config.host_failures or key is None or (result.tag or "") in ("cancelled", "host-failing"):
+            return
+        with self._failing_lock:
+            if result.ok or not result.transient:
+                self._failing.pop(key, None)
+                return
+            count, _ = self._failing.pop(key, (0, ""))
+            self._failing[key] = (count + 1, result.reason or "")
+            while len(self._failing) > 65536:  # the oldest entries go first
+                del self._failing[next(iter(self._failing))]
 
     def close(self) -> None:
         """Abort running downloads (they end as "cancelled") and release the connections."""
@@ -609,14 +810,19 @@ class Fetcher:
         d = min(cfg.backoff_max, cfg.backoff * (2 ** (attempt - 1)))
         return d / 2 + random.uniform(0, d / 2)
 
-    def _attempt(self, url: str, entry: _Entry, jar: RequestsCookieJar) -> _Outcome:
+    def _attempt(self, url: str, entry: _Entry, jar: RequestsCookieJar, t0: float) -> _Outcome:
         """One attempt: the request and its redirect chain, each hop checked."""
         cfg = self.config
         current = url
         hops = 0
         while True:
+            if not entry.allow_private:  # an address literal or localhost name: refused without any lookup
+                blocked = netguard.host_problem(urlsplit(current).hostname or "")
+                if blocked is not None:
+                    return _fail(blocked, False)
             key = _host_key(current)
-            st = self._hosts.acquire(key, self._closed)
+            limit = (entry.deadline_at if entry.deadline_at is not None else t0 + cfg.deadline)
+            st = self._hosts.acquire(key, self._closed, limit)
             try:
                 if entry.deadline_at is None:  # the clock starts once the host lets us in
                     entry.deadline_at = time.monotonic() + cfg.deadline
@@ -652,6 +858,7 @@ class Fetcher:
         timeout = (min(cfg.connect_timeout, remaining), min(cfg.read_timeout, remaining))
         r = None
         got = 0
+        reserved = 0
         try:
             r = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout, cookies=jar)
             if entry.fired:  # the watchdog cut the headers short: whatever was parsed is not the answer
@@ -680,6 +887,19 @@ class Fetcher:
                 return _fail(f"too-large: Content-Length {length} bytes > max_bytes {cfg.max_bytes}", False,
                              status=status, ctype=ctype)
             encoded = bool(r.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity"))
+            if self.budget is not None:
+                want = min(length, cfg.max_bytes) if length is not None and not encoded else cfg.max_bytes
+                t_wait = time.monotonic()
+                if not self.budget.acquire(want, cancel=self._closed, until=t_wait + cfg.deadline):
+                    if self._closed.is_set():
+                        return _fail("cancelled: the fetcher was closed", True, False, status=status, ctype=ctype)
+                    return _fail(f"deadline: waited more than {cfg.deadline:g} s for the memory budget", True, False,
+                                 status=status, ctype=ctype)
+                reserved = want
+                waited = time.monotonic() - t_wait
+                if waited > 0.001:  # time spent waiting for memory is not the server's: the deadline moves
+                    entry.deadline_at += waited
+                    self._watchdog.schedule(entry, entry.deadline_at)
             chunks = []
             for chunk in r.iter_content(cfg.chunk_size):
                 got += len(chunk)
@@ -697,11 +917,20 @@ class Fetcher:
             raw = r.raw.tell()
             if length is not None and raw < length:
                 return _fail(f"incomplete: got {raw} of {length} bytes", True, status=status, ctype=ctype)
-            return _Outcome(ok=True, data=b"".join(chunks), status=status, content_type=ctype)
+            data = b"".join(chunks)
+            del chunks
+            if reserved > len(data):  # keep only what the body holds
+                self.budget.release(reserved - len(data))
+                reserved = len(data)
+            out = _Outcome(ok=True, data=data, status=status, content_type=ctype, reserved=reserved)
+            reserved = 0
+            return out
         except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                 OSError, UnicodeError) as exc:
             return self._failure(exc, entry, got, r, url, timeout)
         finally:
+            if reserved:  # a failure: nothing is kept
+                self.budget.release(reserved)
             if r is not None:
                 r.close()
 
@@ -720,6 +949,9 @@ class Fetcher:
         chain = _chain(exc)
         E = requests.exceptions
         U = urllib3.exceptions
+        blocked = _has(chain, netguard.BlockedAddressError)
+        if blocked is not None:
+            return _fail(blocked.reason, False, status=status, ctype=ctype)
         if _has(chain, E.InvalidURL, E.MissingSchema, E.InvalidSchema, U.LocationValueError, U.LocationParseError):
             return _fail(f"invalid-url: {_short(exc)}", False, status=status, ctype=ctype)
         if _has(chain, E.ContentDecodingError, U.DecodeError):
@@ -783,45 +1015,118 @@ def _split_item(item) -> tuple[Any, str]:
     raise TypeError(f"fetch_many: expected (key, url) pairs or URL strings, got {item!r:.80}")
 
 
+def _dispatch_key(url: str):
+    """The host key that schedules ``url`` in fetch_many; None for a URL that fails without a request."""
+    target = clean_url(url)
+    return _host_key(target) if check_url(target) is None else None
+
+
 def fetch_many(items: Iterable, workers: int = 8, config: FetchConfig | None = None, *,
                fetcher: Fetcher | None = None, max_in_flight: int | None = None) -> Iterator[FetchResult]:
     """Download ``items`` -- (key, url) pairs (or bare URL strings, whose key is the URL) -- with ``workers``
     threads, yielding each FetchResult (``.key`` set) as it completes, in any order.
 
-    The input is consumed lazily: at most ``max_in_flight`` (default 2 x workers) downloads are queued or
-    running at a time, so memory stays flat for millions of URLs. Without ``fetcher`` one is made (and
-    closed at the end); with one, ``config`` is ignored. Closing the generator early cancels queued
-    downloads and aborts running ones (only when the fetcher is our own).
+    The input is consumed lazily: at most ``max_in_flight`` (default max(2 x workers, 1024)) items are taken
+    from it and not yet yielded -- running, or waiting in their host's queue (a waiting item holds no data) --
+    so memory stays flat for millions of URLs, and rows of other hosts can start while one host is slow or
+    throttled (see "Fairness" in the module docstring). At most ``workers`` downloads run at a time. Without
+    ``fetcher`` one is made (and closed at the end); with one, ``config`` is ignored. Closing the generator
+    early cancels waiting downloads and aborts running ones (only when the fetcher is our own).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"fetch: workers must be a positive integer, got {workers!r}")
-    limit = max_in_flight if max_in_flight is not None else 2 * workers
+    limit = max_in_flight if max_in_flight is not None else max(2 * workers, 1024)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"fetch: max_in_flight must be a positive integer, got {max_in_flight!r}")
     own = fetcher is None
     f = Fetcher(config, workers=workers) if own else fetcher
+    # a host never has all the workers (unless there is only one): the others stay free for other hosts
+    cap = max(1, min(f.config.per_host, workers - 1))
     it = iter(items)
-    pending: set = set()
+    waiting: dict[Any, deque] = {}  # host key -> items waiting for their host's turn (insertion order: round-robin)
+    n_waiting = 0
+    running: dict[Any, int] = {}
+    futures: dict = {}  # future -> host key
     exhausted = False
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+
+    def fail_fast(key, url, reason) -> FetchResult:
+        return FetchResult(url=url, ok=False, reason=reason, transient=True, attempts=0, key=key)
+
     try:
+        step = max(16, workers)  # items read per round: results are yielded as they come, not after a long read
         while True:
-            while not exhausted and len(pending) < limit:
+            for _ in range(step):
+                if exhausted or n_waiting + len(futures) >= limit:
+                    break
                 try:
                     item = next(it)
                 except StopIteration:
                     exhausted = True
                     break
                 key, url = _split_item(item)
-                pending.add(pool.submit(f.fetch, url, key))
-            if not pending:
-                return
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                hk = _dispatch_key(url)
+                failing = f.host_failing(hk)
+                if failing is not None:
+                    yield fail_fast(key, url, failing)
+                    continue
+                waiting.setdefault(hk, deque()).append((key, url))
+                n_waiting += 1
+            now = time.monotonic()
+            wake = None  # the earliest Retry-After end among hosts that have waiting items
+            for hk in list(waiting):
+                if len(futures) >= workers:
+                    break
+                if hk is not None:
+                    if running.get(hk, 0) >= cap:
+                        continue
+                    nb = f._hosts.not_before(hk)
+                    if nb > now:
+                        wake = nb if wake is None else min(wake, nb)
+                        continue
+                q = waiting.pop(hk)
+                while q and len(futures) < workers and (hk is None or running.get(hk, 0) < cap):
+                    key, url = q.popleft()
+                    n_waiting -= 1
+                    futures[pool.submit(f.fetch, url, key)] = hk
+                    running[hk] = running.get(hk, 0) + 1
+                if q:
+                    waiting[hk] = q  # to the back of the round
+            if not futures:
+                if not waiting and exhausted:
+                    return
+                if not waiting:
+                    continue
+                # every waiting host is throttled (Retry-After) and nothing runs: sleep until the first one ends
+                if f._closed.wait(max(0.0, (wake or now + 0.05) - now)):
+                    for q in waiting.values():
+                        for key, url in q:
+                            yield FetchResult(url=url, ok=False, reason="cancelled: the fetcher was closed",
+                                              transient=True, key=key)
+                    return
+                continue
+            timeout = None if wake is None else max(0.0, wake - now)
+            if not exhausted and n_waiting + len(futures) < limit:
+                timeout = 0  # more input can be read: only pick up what has finished already
+            done, _ = wait(list(futures), timeout=timeout, return_when=FIRST_COMPLETED)
             for fut in done:
+                hk = futures.pop(fut)
+                running[hk] -= 1
+                if not running[hk]:
+                    del running[hk]
                 yield fut.result()
+                failing = f.host_failing(hk)
+                if failing is not None and hk in waiting:  # fail the host's queued rows now, not one by one
+                    q = waiting.pop(hk)
+                    n_waiting -= len(q)
+                    for key, url in q:
+                        yield fail_fast(key, url, failing)
     finally:
-        for fut in pending:
+        for fut in futures:
             fut.cancel()
         if own:
             f.close()  # aborts what is still running, so the shutdown below is quick
         pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:  # results nobody will see: their bytes go back to the budget
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().release()

@@ -42,6 +42,9 @@ RETRIES = 2  # automatic resumes after a dropped connection, within one download
 RETRY_DELAY = 1.0  # seconds, times the attempt number
 CHUNK = 1 << 20
 
+DOWNLOAD_FAILED = ("Without the download: pass --weights PATH or set DINOV2_WEIGHTS (a model.safetensors, .npz "
+                   "or .pth file you have), set DINOV2_HUB_URL to a mirror of the hub, or get them once online "
+                   "with `python cli.py weights download` and then work with --offline")
 HOW_TO = ("run `python cli.py weights download`, pass --weights PATH, or set DINOV2_WEIGHTS"
           " (a model.safetensors, .npz or .pth file)")
 
@@ -224,7 +227,7 @@ def _arrived(raw):
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     text = text[0] if text else type(exc).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+    return text if len(text) <= 200 else text[:200].rsplit(" ", 1)[0] + " ..."  # not cut mid-word
 
 
 def download(variant: str = variants.DEFAULT_VARIANT, cache_dir=None, *, base_url: str | None = None,
@@ -338,6 +341,9 @@ def _variant_weights(variant: str, allow_download: bool, progress: bool) -> Path
     if cached.is_file():
         return cached
     if allow_download and not is_offline():
-        return download(variant, progress=progress)
+        try:
+            return download(variant, progress=progress)
+        except DownloadError as exc:
+            raise DownloadError(f"{exc}. {DOWNLOAD_FAILED}") from None
     why = f"{ENV_OFFLINE}=1" if is_offline() else "not downloading"
     raise WeightsUnavailableError(f"no {variant} weights found ({why}; looked in {cached.parent}): {HOW_TO}")

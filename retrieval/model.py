@@ -205,11 +205,16 @@ def _spread(fn, n: int):
             barrier.abort()
             raise
 
-    futures = [_POOL.submit(run, k) for k in range(1, n)]
+    futures = []
     errors = []
     try:
+        for k in range(1, n):
+            futures.append(_POOL.submit(run, k))
         run(0)
     except BaseException as exc:  # noqa: BLE001 - re-raised below, the root cause first
+        # e.g. Ctrl-C while submitting (before run(0) could abort the barrier): the submitted calls must not
+        # wait at the barrier forever (the interpreter would hang at exit joining the pool's threads)
+        barrier.abort()
         errors.append(exc)
     for f in futures:
         try:

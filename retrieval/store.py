@@ -140,14 +140,21 @@ def db_name(conn) -> str:
     return "database"  # pragma: no cover
 
 
-def connect(path, *, apply_migrations: bool = True):
+def connect(path, *, apply_migrations: bool = True, readonly: bool = False):
     """Open (creating if needed) the gallery database at ``path`` and bring its schema up to date.
+
+    ``readonly=True``: open an existing gallery read-only, never creating or migrating anything; a file
+    that is not a gallery is refused with one line naming what it is (see ``retrieval/dbopen.py``).
 
     Loads sqlite-vec; sets WAL, ``busy_timeout`` (30 s), ``foreign_keys=ON``, ``synchronous=NORMAL``;
     autocommit mode (use :func:`transaction`). Raises DatabaseError naming the file when it is not a
     SQLite database, cannot be opened, or holds a migration this code does not know (newer schema).
     ``apply_migrations=False`` leaves the schema alone (tests use it with ``migrate(conn, upto=N)``).
     """
+    if readonly:
+        from .dbopen import open_readonly
+
+        return open_readonly(path)
     driver = _driver()
     name = str(path)
     try:
@@ -664,6 +671,10 @@ def record_duplicate(conn, row: dict, duplicate_of: int | None = None) -> tuple[
             raise ValueError(f"{params['url']}: duplicate_of={duplicate_of} is not an ok image")
         if target["url_hash"] == params["url_hash"]:  # the same URL already holds this content
             return int(duplicate_of), "ok"
+        before = conn.execute("SELECT id, status, content_sha256 FROM images WHERE url_hash = ?",
+                              (params["url_hash"],)).fetchone()
+        if before is not None and before["status"] == "ok" and before["content_sha256"] != params["content_sha256"]:
+            _promote_duplicate(conn, int(before["id"]))  # its old content lives on in its first duplicate
         params["duplicate_of"] = int(duplicate_of)
         conn.execute(_UPSERT_DUPLICATE, params)
         image_id = int(_existing(conn, params["url_hash"])["id"])

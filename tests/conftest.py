@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# The library refuses loopback/private addresses unless this is set (retrieval/netguard.py); every test's HTTP
+# server is on 127.0.0.1, so the suite allows them. The SSRF tests remove it (monkeypatch.delenv).
+os.environ.setdefault("DINOV2_ALLOW_PRIVATE", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

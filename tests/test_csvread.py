@@ -252,3 +252,64 @@ def test_large_csv_streams_in_constant_memory(tmp_path):
     assert last.line == n + 1 and last.meta["id"] == str(n - 1)
     assert peak < size / 20, f"peak {peak} bytes for a {size}-byte file"
     assert peak < 2_000_000
+
+
+# ---------------------------------------------------------------- issue 10: the URL column by content, UTF-16, binary
+
+
+def test_url_column_chosen_by_what_its_cells_hold(tmp_path):
+    rows = read_rows(write(tmp_path, "id,photo_url\n1,http://a.example/1.jpg\n2,http://a.example/2.jpg\n"))
+    assert (rows.url_column, rows.url_column_how) == ("photo_url", "by content")
+    assert [(r.url, r.meta, r.error) for r in rows] == [("http://a.example/1.jpg", {"id": "1"}, None),
+                                                         ("http://a.example/2.jpg", {"id": "2"}, None)]
+    # file names count like URLs; a named column wins a tie; no header: the column of URLs
+    rows = read_rows(write(tmp_path, "id,caption,file\n1,a cat,cats/a.jpg\n2,a dog,dog.PNG\n", "f.csv"))
+    assert (rows.url_column, rows.url_column_how) == ("file", "by content")
+    rows = read_rows(write(tmp_path, "mirror,url\nhttp://m.example/1.jpg,http://a.example/1.jpg\n", "t.csv"))
+    assert (rows.url_column, rows.url_column_how) == ("url", "by name")
+    rows = read_rows(write(tmp_path, "42,http://a.example/1.jpg,cat\n43,http://a.example/2.jpg,dog\n", "n.csv"))
+    assert rows.header is None and (rows.url_column, rows.url_column_how) == ("col2", "by content")
+    assert [r.meta for r in rows] == [{"col1": "42", "col3": "cat"}, {"col1": "43", "col3": "dog"}]
+    # a column that holds a few URLs among words loses to one that holds URLs in every row
+    text = "note,link\n" + "".join(f"see http://x.example/{i},http://a.example/{i}.jpg\n" if i % 10 == 0 else
+                                   f"word {i},http://a.example/{i}.jpg\n" for i in range(50))
+    assert read_rows(write(tmp_path, text, "m.csv")).url_column == "link"
+    # nothing looks like a URL: the named column, else the first; --url-column still wins
+    assert read_rows(write(tmp_path, "a,url\nx,y\n", "w.csv")).url_column == "url"
+    assert read_rows(write(tmp_path, "id,photo_url\n1,http://a.example/1.jpg\n", "g.csv"), url_column="id").url_column == "id"
+
+
+def test_utf16_csv_with_bom_without_bom_and_with_bad_code_units(tmp_path):
+    text = "id,url,title\n1,http://a.example/é.jpg,café\n2,http://a.example/2.jpg,ok\n"
+    for enc, name in (("utf-16", "bom.csv"), ("utf-16-le", "le.csv"), ("utf-16-be", "be.csv"), ("utf-32", "u32.csv")):
+        rows = read_rows(write(tmp_path, text.encode(enc), name))
+        got = list(rows)
+        assert [(r.url, r.meta["title"], r.error) for r in got] == [
+            ("http://a.example/é.jpg", "café", None), ("http://a.example/2.jpg", "ok", None)], name
+    # a trailing odd byte, a lone surrogate: rows, not a traceback
+    bad = text.encode("utf-16") + "3,http://a.example/3.jpg,\n".encode("utf-16-le") + b"\x00\xd8,\x00x\x00\n\x00A"
+    got = rows_of(write(tmp_path, bad, "bad.csv"))
+    assert [r.url for r in got][:3] == ["http://a.example/é.jpg", "http://a.example/2.jpg", "http://a.example/3.jpg"]
+
+
+@pytest.mark.parametrize("data,looks", [
+    (bytes(range(1, 256)) * 300, "control characters"),  # random-ish bytes without a NUL
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(2000), "a PNG image"),
+    (b"\x1f\x8b\x08\x00" + bytes(range(1, 256)) * 10, "a gzip file"),
+    (b"PK\x03\x04\x14\x00\x06\x00" + bytes(200), "a ZIP archive"),
+])
+def test_binary_file_refused_with_one_line_naming_it(tmp_path, data, looks):
+    p = write(tmp_path, data, "photos.csv")
+    with pytest.raises(InputError) as err:
+        read_rows(p)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: not a text CSV file") and looks in msg and "\n" not in msg, msg
+
+
+def test_a_text_csv_with_a_few_odd_characters_is_not_binary(tmp_path):
+    p = write(tmp_path, "url,title\n" + "".join(f"http://a.example/{i}.jpg,t\x1b[1m{i}\n" if i % 10 == 0 else f"http://a.example/{i}.jpg,t{i}\n"
+                                      for i in range(200)))
+    assert len(rows_of(p)) == 200
+    latin1 = ("url,title\n" + "".join(f"http://a.example/{i}.jpg,été à Noël\n" for i in range(200))).encode("latin-1")
+    got = rows_of(write(tmp_path, latin1, "latin1.csv"))
+    assert len(got) == 200 and got[0].error.startswith("encoding")

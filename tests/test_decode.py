@@ -417,3 +417,37 @@ def test_bytes_like_input():
     data = encode(Image.new("RGB", (3, 3), RED), "PNG")
     assert decode(bytearray(data), "b").getpixel((1, 1)) == RED
     assert decode(memoryview(data), "m").getpixel((1, 1)) == RED
+
+
+# ---------------------------------------------------------------- issue 10: memory of 16-bit and float images
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_images_convert_without_full_size_64_bit_copies(mode):
+    """A 9-megapixel 16-bit, 32-bit integer or float image: the conversion's NumPy allocations stay under
+    3 bytes per pixel (before: full-size int64/float64 copies, 17+ bytes per pixel; at the pixel limit that
+    was gigabytes)."""
+    import tracemalloc
+
+    w, h = 3000, 3000
+    if mode == "F":
+        arr = np.random.default_rng(0).uniform(-10, 300, (h, w)).astype(np.float32)
+        img = Image.fromarray(arr, "F")
+        want = np.floor(np.clip(arr[:5, :5].astype(np.float64), 0, 255) + 0.5)
+    else:
+        arr = (np.arange(w * h, dtype=np.int64) * 7 % 70000).reshape(h, w)
+        img = Image.fromarray(arr.astype(np.uint16 if mode == "I;16" else np.int32))
+        if mode == "I;16":
+            arr = arr.astype(np.uint16)
+        want = (np.clip(arr[:5, :5], 0, 65535) + 128) // 257
+    assert img.mode == mode
+    img.load()
+    tracemalloc.start()
+    try:
+        out = to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.mode == "RGB" and out.size == (w, h)
+    assert np.array_equal(np.asarray(out)[:5, :5, 0], want)
+    assert peak < 3 * w * h, f"{peak / 1e6:.0f} MB for {w * h / 1e6:.0f} megapixels"

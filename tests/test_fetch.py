@@ -92,7 +92,8 @@ def test_retry_after_delays_other_requests_to_the_same_host(http_server, fetcher
     t = threading.Thread(target=lambda: results.setdefault("a", f.fetch(a)))
     t.start()
     end = time.monotonic() + 2
-    while http_server.count("/a") == 0 and time.monotonic() < end:
+    key = ("http", "127.0.0.1", http_server.port)
+    while f._hosts.not_before(key) == 0 and time.monotonic() < end:  # until /a's 429 was received (not sent)
         time.sleep(0.01)
     t0 = time.monotonic()
     rb = f.fetch(b)
@@ -356,3 +357,122 @@ def test_parse_retry_after():
     assert 25 < parse_retry_after(later) <= 30
     earlier = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(earlier) == 0.0
+
+
+# ---------------------------------------------------------------- issue 10: per-host fairness
+
+
+def _timed_results(items, **kw):
+    """[(seconds since start, result)] of fetch_many over ``items``, in the order they were yielded."""
+    t0 = time.monotonic()
+    return [(time.monotonic() - t0, r) for r in fetch_many(items, **kw)]
+
+
+@pytest.fixture
+def other_server():
+    from httpserver import LocalHTTPServer
+
+    s = LocalHTTPServer()
+    yield s
+    s.close()
+
+
+def test_a_throttling_host_delays_only_its_own_rows_and_then_fails_fast(http_server, other_server):
+    """24 rows on a host answering 429 with Retry-After 30 s, then 8 rows on another host (the issue's case): the
+    good host's rows are not held back, and the throttling host's remaining rows fail at once (transient)."""
+    for i in range(24):
+        http_server.add(f"/busy/{i}.jpg", status=429, body=b"slow down", headers={"Retry-After": "30"})
+    good = [other_server.add(f"/ok/{i}.jpg", handler=sequence((200, JPEG))) for i in range(8)]
+    items = [(f"a{i}", http_server.url(f"/busy/{i}.jpg")) for i in range(24)] + [(f"b{i}", u) for i, u in enumerate(good)]
+    out = _timed_results(items, workers=8, config=config(deadline=5, retry_after_max=60))
+    by_key = {r.key: (t, r) for t, r in out}
+    assert len(by_key) == 32
+    assert all(by_key[f"b{i}"][1].ok for i in range(8))
+    assert max(by_key[f"b{i}"][0] for i in range(8)) < 3, [round(t, 2) for t, _ in out]
+    throttled = [by_key[f"a{i}"][1] for i in range(24)]
+    assert all(not r.ok and r.transient for r in throttled)
+    assert {r.tag for r in throttled} <= {"http-429", "host-busy", "host-failing"}, {r.tag for r in throttled}
+    assert sum(r.tag == "host-failing" for r in throttled) >= 18  # not tried: no request, no wait
+    assert all(r.attempts == 0 for r in throttled if r.tag == "host-failing")
+    assert http_server.count() <= 6
+    assert out[-1][0] < 6, out[-1][0]  # the whole run: no 30 s Retry-After wait
+
+
+def test_a_slow_host_does_not_hold_the_other_hosts_rows(http_server, other_server):
+    slow = ConcurrencyTracker(delay=1.0, body=JPEG)
+    for i in range(24):
+        http_server.add(f"/slow/{i}.jpg", handler=slow)
+    good = [other_server.add(f"/ok/{i}.jpg", body=JPEG) for i in range(8)]
+    items = [(f"a{i}", http_server.url(f"/slow/{i}.jpg")) for i in range(24)] + [(f"b{i}", u) for i, u in enumerate(good)]
+    out = _timed_results(items, workers=8, config=config(deadline=10))
+    times = {r.key: t for t, r in out}
+    assert all(r.ok for _, r in out)
+    assert max(times[f"b{i}"] for i in range(8)) < 1.5, sorted(times.items(), key=lambda kv: kv[1])
+    assert slow.max_seen <= 4  # the slow host never had more than its per-host share of the workers
+
+
+def test_a_host_that_keeps_failing_gets_its_remaining_rows_failed_fast(http_server):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    items = [(i, f"{dead}/{i}.jpg") for i in range(40)] + [("ok", http_server.add("/fine.jpg", body=JPEG))]
+    with Fetcher(config(retries=1), workers=4) as f:
+        out = list(fetch_many(items, workers=4, fetcher=f))
+        results = {r.key: r for r in out}
+        assert results["ok"].ok
+        tags = [results[i].tag for i in range(40)]
+        assert tags.count("host-failing") >= 34 and set(tags) <= {"connection", "host-failing"}, tags
+        assert all(results[i].transient for i in range(40))
+        assert "127.0.0.1" in results[39].reason and "connection: refused" in results[39].reason
+        # the same fetcher (the same ingest run) keeps the host's state: a later row fails at once too
+        assert f.host_failing(("http", "127.0.0.1", int(dead.rsplit(":", 1)[1]))) is not None
+    # an answer resets the count: a host that fails now and then is never given up on
+    flaky = http_server.add("/flaky.jpg", handler=sequence(*([(503, b"")] * 2 + [(200, JPEG)]) * 20))
+    with Fetcher(config(retries=0, host_failures=3), workers=1) as f:
+        res = list(fetch_many([(i, flaky) for i in range(30)], workers=1, fetcher=f))
+    assert not any(r.tag == "host-failing" for r in res), [r.tag for r in res]
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ---------------------------------------------------------------- issue 10: memory budget
+
+
+def test_downloads_in_flight_stay_within_the_memory_budget(http_server):
+    """16 workers, 40 bodies of 200 KB, a budget of 1 MB and a slow consumer: never more than 1 MB of bodies
+    held at once (announced sizes are reserved exactly; an unannounced size reserves max_bytes)."""
+    from retrieval.fetch import MemoryBudget
+
+    body = bytes(range(256)) * 800  # 204,800 bytes
+    urls = [(i, http_server.add(f"/b/{i}", body=body)) for i in range(40)]
+    urls += [("chunked", http_server.add("/chunked", handler=_no_length(body)))]
+    budget = MemoryBudget(1_000_000)
+    seen = []
+    with Fetcher(config(max_bytes=300_000, deadline=20, per_host=16), workers=16, budget=budget) as f:
+        for r in fetch_many(urls, workers=16, fetcher=f):
+            assert r.ok, r
+            assert r.reserved == len(r.data) == len(body)
+            seen.append(budget.in_use)
+            time.sleep(0.01)  # the consumer is slower than the downloads: they must wait for memory
+            r.release()
+            r.release()  # idempotent
+    assert len(seen) == 41
+    assert budget.peak <= 1_000_000, budget.peak
+    assert budget.peak >= 4 * len(body)  # the budget was used, not just respected by a trickle
+    assert budget.waits > 0 and budget.in_use == 0
+
+
+def _no_length(body):
+    def handler(req):
+        req.send_response(200)
+        req.send_header("Connection", "close")
+        req.end_headers()
+        req.close_connection = True
+        req.wfile.write(body)
+    return handler

@@ -971,6 +971,236 @@ def test_100k_rows_memory_stays_flat(http_server, env, tmp_path):
     assert peaks[100_000] <= peaks[10_000] + 30 * 1024, peaks  # KB: +30 MB at most for 10x the rows
 
 
+# ---------------------------------------------------------------- local files (issue 10): confinement, only regular files
+
+
+LOCAL_EXPECTED = {
+    "local-file": "ok",
+    "local-outside-folder": "failed: outside-folder",
+    "local-fifo": "failed: not-a-file",
+    "local-device": "failed: not-a-file",
+    "local-huge-sparse": "failed: too-large",
+}
+
+
+@pytest.fixture(scope="module")
+def local_run(env, tmp_path_factory):
+    """A CSV naming local files (in its folder, outside it by every route, a FIFO, a sparse file of up to 16 TB), then
+    ``--dir`` on the same folder with --files-root / (a FIFO and a symlink to /dev/zero named *.jpg): each run
+    must end (no hang, no MemoryError) with every row recorded."""
+    top = tmp_path_factory.mktemp("local")
+    folder, outside = top / "data", top / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "good.png").write_bytes(png_of(picture(900)))
+    (folder / "sub" / "other.png").write_bytes(png_of(picture(901)))
+    (outside / "secret.png").write_bytes(png_of(picture(902)))  # an image: must not end up ok
+    (outside / "secret.txt").write_text("password=hunter2\n")
+    (folder / "link-out.png").symlink_to(outside / "secret.png")
+    (folder / "link-in.png").symlink_to(folder / "sub" / "other.png")
+    os.mkfifo(folder / "pipe.jpg")
+    with open(folder / "huge.png", "wb") as f:  # sparse: as large as this file system allows, from 16 TB down
+        for exp in (44, 42, 40, 38, 36, 34):
+            try:
+                f.truncate(2 ** exp)
+                break
+            except OSError:
+                continue
+    cases = {
+        "local-file": ["good.png", "sub/other.png"],
+        "local-outside-folder": ["/etc/passwd", "../outside/secret.txt", str(outside / "secret.png"),
+                                 "link-out.png", "/proc/self/environ", "../../../../../../etc/hostname"],
+        "local-fifo": ["pipe.jpg"],
+        "local-huge-sparse": ["huge.png"],
+    }
+    csv = folder / "files.csv"
+    csv.write_text("path,title\n" + "".join(f"{cell},{name} {i}\n" for name, cells in cases.items()
+                                            for i, cell in enumerate(cells)))
+    db = top / "g.db"
+    summary, _ = ingest_ok(env, csv, db, "--max-mb", MAX_MB, timeout=60)
+    rows = rows_by_url(db)
+    # --dir over the same folder, every file allowed (--files-root /): the FIFO and the device are still refused
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    db2 = top / "dir.db"
+    p = subprocess.run([sys.executable, "cli.py", "ingest", "--dir", str(folder), "--db", str(db2), "--files-root",
+                        "/", "--max-mb", str(MAX_MB), "--json", "-q"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    dir_summary = json.loads(p.stdout)
+    return {"cases": cases, "rows": rows, "summary": summary, "db": db, "folder": folder, "outside": outside,
+            "dir_rows": rows_by_url(db2), "dir_summary": dir_summary}
+
+
+def local_observed(run) -> dict:
+    by_title = {json.loads(r["meta"])["title"]: r for r in run["rows"].values() if r["meta"]}
+    outs: dict[str, set] = {}
+    for name, cells in run["cases"].items():
+        for i, _ in enumerate(cells):
+            outs.setdefault(name, set()).add(outcome(by_title.get(f"{name} {i}")))
+    dir_rows = {Path(u).name: r for u, r in run["dir_rows"].items()}
+    outs.setdefault("local-fifo", set()).add(outcome(dir_rows.get("pipe.jpg")))
+    outs.setdefault("local-device", set()).add(outcome(dir_rows.get("zero.jpg")))
+    outs.setdefault("local-huge-sparse", set()).add(outcome(dir_rows.get("huge.png")))
+    for name, o in outs.items():
+        assert len(o) == 1, (name, o)
+    return {name: o.pop() for name, o in outs.items()}
+
+
+def test_local_files_are_confined_and_only_regular_files_are_read(local_run):
+    assert local_observed(local_run) == LOCAL_EXPECTED
+    by_title = {json.loads(r["meta"])["title"]: r for r in local_run["rows"].values() if r["meta"]}
+    for i, cell in enumerate(local_run["cases"]["local-outside-folder"]):
+        r = by_title[f"local-outside-folder {i}"]
+        # nothing about the file is stored: no size, no hash, no mtime, no dimensions
+        assert (r["bytes"], r["content_sha256"], r["mtime"], r["width"], r["path"]) == (None,) * 5, r
+        assert "--files-root" in r["error"]
+    assert not any("hunter2" in (r["error"] or "") for r in local_run["rows"].values())
+    huge = by_title["local-huge-sparse 0"]
+    assert huge["bytes"] is None and huge["content_sha256"] is None and "not read" in huge["error"]
+    assert local_run["dir_summary"]["status"] == "completed"
+    dir_rows = {Path(u).name: r for u, r in local_run["dir_rows"].items()}
+    # with --files-root / the symlink out is read; the symlink in is a copy of other.png
+    assert {n for n, r in dir_rows.items() if r["status"] == "ok"} == {"good.png", "link-in.png", "link-out.png"}
+    assert dir_rows["other.png"]["status"] == "duplicate"
+    assert "FIFO" in dir_rows["pipe.jpg"]["error"] and "device" in dir_rows["zero.jpg"]["error"]
+
+
+def test_files_root_names_another_folder_to_read_from(local_run, env, tmp_path):
+    folder, outside = local_run["folder"], local_run["outside"]
+    csv = folder / "outside.csv"
+    csv.write_text("path\n../outside/secret.png\n")
+    db = tmp_path / "g.db"
+    s, _ = ingest_ok(env, csv, db, "--files-root", folder.parent)
+    assert s["new"] == 1, s
+    (row,) = rows_by_url(db).values()
+    assert row["status"] == "ok" and row["url"] == str((outside / "secret.png").resolve())
+
+
+# ---------------------------------------------------------------- databases that are not (usable) galleries (issue 10)
+
+
+def run_main(*args, extra_env: dict | None = None) -> tuple[int, str]:
+    """``cli.main()`` in this process (so a test can shorten the busy timeout): (exit code, stderr)."""
+    import contextlib
+
+    import cli as C
+
+    err = io.StringIO()
+    saved_argv, saved_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["cli.py", *map(str, args)]
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+            for k, v in (extra_env or {}).items():
+                mp.setenv(k, v)
+            try:
+                C.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_term)
+    return code, err.getvalue()
+
+
+def _one_line_exit(code: int, err: str, *words: str) -> str:
+    """``exit N`` when stderr is one "Error:" line holding every word (and no traceback), else what happened."""
+    lines = err.strip().splitlines()
+    if len(lines) == 1 and lines[0].startswith("Error: ") and all(w in lines[0] for w in words):
+        return f"exit {code}"
+    return f"exit {code}: {err!r}"
+
+
+DB_EXPECTED = {"not-a-gallery": "exit 2", "damaged-database": "exit 2", "database-locked": "exit 2",
+               "older-schema": "exit 2"}
+
+
+@pytest.fixture(scope="module")
+def db_run(weights, tmp_path_factory):
+    """{case: outcome} for the database cases of the README table, each observed through cli.main()."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("dbs")
+    weights_env = {"DINOV2_WEIGHTS": str(weights), "DINOV2_OFFLINE": "1", "DINOV2_CACHE": str(root / "cache")}
+    seen, digests_kept = {}, True
+
+    # not a gallery: an unrelated SQLite file, a 0-byte file, a foreign images table -- refused, left unchanged
+    outs = set()
+    for name, make, words in (
+            ("other.db", lambda c: c.execute("CREATE TABLE notes (body TEXT)"), "not a gallery database"),
+            ("zero.db", None, "empty file"),
+            ("foreign.db", lambda c: c.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT)"),
+             "images table is not a gallery's")):
+        path = root / name
+        if make is None:
+            path.write_bytes(b"")
+        else:
+            conn = sqlite3.connect(path)
+            make(conn)
+            conn.commit()
+            conn.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        for command in (("stats",), ("query", "--id", "1"), ("doctor",)):
+            outs.add(_one_line_exit(*run_main(*command, "--db", path), words))
+        digests_kept &= hashlib.sha256(path.read_bytes()).hexdigest() == before
+    seen["not-a-gallery"] = outs.pop() if len(outs) == 1 and digests_kept else f"{outs} unchanged={digests_kept}"
+
+    # a gallery with a page of garbage in its images table: a query and ingest give one line, ingest writes nothing
+    # (stats may still answer: its counts come from an index)
+    folder = root / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_of(picture(950)))
+    gallery = root / "damaged.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env)
+    assert code == 0, err
+    conn = store.connect(gallery)
+    store.commit_batch(conn, [dict(status="failed", url=f"http://127.0.0.1:9/{i}", error="http-404: " + "x" * 200)
+                              for i in range(100)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root_page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'images'").fetchone()[0]
+    conn.close()
+    with open(gallery, "r+b") as f:
+        f.seek((root_page - 1) * 4096 + 12)
+        f.write(b"\xff" * (4096 - 12))
+    before = hashlib.sha256(gallery.read_bytes()).hexdigest()
+    (folder / "b.png").write_bytes(png_of(picture(951)))
+    outs = {_one_line_exit(*run_main("query", "--id", "1", "--db", gallery), "damaged", "--recover"),
+            _one_line_exit(*run_main("ingest", "--dir", folder, "--db", gallery, "-q", extra_env=weights_env),
+                           "damaged", "nothing was written", "--recover")}
+    kept = hashlib.sha256(gallery.read_bytes()).hexdigest() == before
+    seen["damaged-database"] = outs.pop() if len(outs) == 1 and kept else f"{outs} unchanged={kept}"
+
+    # locked by another program for longer than the busy timeout (shortened here from 30 s)
+    locked = root / "locked.db"
+    code, err = run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env)
+    assert code == 0, err
+    (folder / "c.png").write_bytes(png_of(picture(952)))
+    other = store.connect(locked)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(store, "BUSY_TIMEOUT_S", 0.5)
+            seen["database-locked"] = _one_line_exit(
+                *run_main("ingest", "--dir", folder, "--db", locked, "-q", extra_env=weights_env),
+                "locked by another program")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+    # a gallery of an older schema that the reader cannot read as it is: the command that upgrades it
+    old = root / "old.db"
+    conn = store.connect(old, apply_migrations=False)
+    store.migrate(conn, upto=1)
+    conn.close()
+    seen["older-schema"] = _one_line_exit(*run_main("stats", "--db", old), "older",
+                                          f"python cli.py doctor --db {old} --repair")
+    return seen
+
+
+def test_databases_that_are_not_usable_galleries_get_one_line_and_stay_unchanged(db_run):
+    assert db_run == DB_EXPECTED
+
+
 # ---------------------------------------------------------------- the README table
 
 
@@ -995,8 +1225,11 @@ def readme_table() -> dict:
     return table
 
 
-def test_readme_bad_input_table(server_run, image_run, csv_run, http_server, env, tmp_path, noise_image):
-    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run)}
+def test_readme_bad_input_table(server_run, image_run, csv_run, untrusted_run, blocked_run, fairness_run,
+                                csv_kinds_run, local_run, db_run, http_server, env, tmp_path, noise_image):
+    seen = {**observed(server_run), **observed(image_run), **csv_observed(csv_run), **untrusted_observed(untrusted_run),
+            **observed(blocked_run), **observed(fairness_run), **csv_kinds_run["seen"], **local_observed(local_run),
+            **db_run}
     # the images-folder rows: observed here (a fresh run) unless the parametrized test already ran
     for kind in ("not-a-directory", "full", "database-full"):
         if UNWRITABLE[kind][0] not in OBSERVED_ERRORS:
@@ -1010,3 +1243,258 @@ def test_readme_bad_input_table(server_run, image_run, csv_run, http_server, env
     # every failure tag the runs produced is in the table
     tags = {v for v in seen.values() if v.startswith("failed: ")}
     assert tags <= set(table.values()), tags - set(table.values())
+
+
+# ---------------------------------------------------------------- issue 10: the memory budget of an ingest
+
+
+def test_ingest_with_256_workers_stays_within_its_memory_budget(http_server, weights, tmp_path, monkeypatch):
+    """--workers 256 and a 2 MB budget: downloads in flight plus images waiting for the encoder never hold more
+    than the budget (plus at most one preprocessed image, granted when no image waits, so the encoder is never
+    starved); every image still ends ok. Counted by the run's own budget, not timed."""
+    from retrieval import ingest as I
+    from retrieval.encoder import EncoderSettings, load_encoder
+    from retrieval.fetch import MemoryBudget
+    from test_ingest import noise_png
+
+    made = []
+
+    class Spy(MemoryBudget):
+        def __init__(self, limit):
+            super().__init__(limit)
+            made.append(self)
+
+    monkeypatch.setattr(I, "MemoryBudget", Spy)
+    bodies = [noise_png(1300 + i, 150) for i in range(60)]  # ~68 KB each, incompressible, all distinct
+    urls = [http_server.add(f"/m/{i}.png", body=b, headers={"Content-Type": "image/png"}) for i, b in enumerate(bodies)]
+    csv, db = write_csv(tmp_path / "data.csv", urls), tmp_path / "g.db"
+    conn = store.connect(db)
+    try:
+        s = I.ingest_csv(conn, db, csv, load_encoder(weights, EncoderSettings(batch_size=8)),
+                         I.IngestOptions(workers=256, memory_mb=2, fetch=I.FetchConfig(per_host=256)))
+    finally:
+        conn.close()
+    assert (s.new, s.failed, s.status) == (60, 0, "completed"), s
+    (budget,) = made
+    one_image = 3 * 224 * 224 * 4  # a preprocessed 224 x 224 image, float32
+    assert budget.limit == 2 * 2**20
+    assert budget.peak <= budget.limit + one_image, budget.peak
+    assert budget.waits > 0  # 256 downloads of 68 KB (17 MB) did not fit at once: some waited
+    assert budget.in_use == 0 and budget.pixels == 0  # everything given back
+    assert s.memory_peak == budget.peak and s.as_dict()["memory_peak_mb"] <= 2.6
+    assert_consistent(db)
+
+
+# ---------------------------------------------------------------- issue 10: untrusted CSVs and servers (one run each)
+
+ESC_TEXT = "\x1b]0;pwned\x07\x1b[31m\x9b2J"  # retitle the terminal, red, a C1 CSI
+
+
+def _raw_unsafe(text: str) -> bool:
+    """Whether ``text`` holds a control or bidi character a terminal would act on (newline and tab aside)."""
+    from retrieval.safety import has_unsafe
+
+    return has_unsafe(text.replace("\r\n", "\n"))
+
+
+def _cli(env, *args, timeout=90):
+    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def untrusted_run(servers, env, tmp_path_factory):
+    """One ingest (text output, not --json) of a CSV whose name, cells, local file names and servers carry
+    terminal escapes and credentials, then stats and query (text and JSON) on the gallery: every output kept."""
+    import base64
+
+    srv, other = servers("untrusted"), servers("untrusted-other")
+    typ = {"Content-Type": "image/jpeg"}
+    root = tmp_path_factory.mktemp("untrusted")
+    cases: dict[str, list[str]] = {}
+
+    def status_line(req):  # an unknown status whose reason phrase is a terminal escape
+        req.send_response(599, "Bad " + ESC_TEXT)
+        req.send_header("Content-Length", "0")
+        req.end_headers()
+
+    cases["escape-in-status-line"] = [srv.add("/status.jpg", handler=status_line)]
+    cases["escape-in-redirect"] = [srv.add("/redirect.jpg", status=302, headers={"Location": "/x" + ESC_TEXT})]
+    secret = base64.b64encode(b"user:s3cret").decode()
+
+    def private(req):
+        ok = req.headers.get("Authorization") == f"Basic {secret}"
+        body = jpeg(1400) if ok else b"who are you?"
+        req.send_response(200 if ok else 401)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    srv.add("/private.jpg", handler=private)
+    other.add("/moved.jpg", body=jpeg(1401), headers=typ)
+    srv.add("/to-other.jpg", status=302, headers={"Location": other.url("/moved.jpg")})
+    base = srv.url("").replace("http://", "http://user:s3cret@")
+    cases["credentials-in-url"] = [f"{base}/private.jpg", f"{base}/to-other.jpg"]
+    (root / ("cat" + ESC_TEXT + ".jpg")).write_bytes(jpeg(1402))
+    lines = [f"{u},plain" for u in cases["escape-in-status-line"] + cases["escape-in-redirect"]]
+    lines += [f"{u},creds" for u in cases["credentials-in-url"]]
+    lines += [f"{base}/missing.jpg,creds 404"]
+    lines += [f'"cat{ESC_TEXT}.jpg",a local file', f'{srv.url("/cell" + ESC_TEXT + ".jpg")},bad url cell',
+              f'{srv.add("/titled.jpg", body=jpeg(1403), headers=typ)},"title {ESC_TEXT} \u202eevil\u202c"']
+    csv = root / ("list" + ESC_TEXT + ".csv")
+    csv.write_text("url,title\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    db = root / "g.db"
+    p = _cli(env, "ingest", "--csv", csv, "--db", db)
+    assert p.returncode == 0, p.stderr
+    outputs = {"ingest": p.stdout + p.stderr}
+    outputs["stats"] = _cli(env, "stats", "--db", db).stdout
+    q = _cli(env, "query", root / ("cat" + ESC_TEXT + ".jpg"), "--db", db, "-k", "10")
+    outputs["query"] = q.stdout + q.stderr
+    qj = _cli(env, "query", root / ("cat" + ESC_TEXT + ".jpg"), "--db", db, "-k", "10", "--json")
+    outputs["query-json"] = qj.stdout + qj.stderr
+    missing = _cli(env, "ingest", "--csv", root / ("nothing" + ESC_TEXT + ".csv"), "--db", db)
+    outputs["error"] = missing.stdout + missing.stderr
+    qurl = _cli(env, "query", "--url", f"{base}/missing.jpg", "--db", db)
+    outputs["query-url-error"] = qurl.stdout + qurl.stderr
+    return {"cases": cases, "rows": rows_by_url(db), "db": db, "outputs": outputs, "csv": csv, "root": root,
+            "query_json": json.loads(qj.stdout), "servers": (srv, other), "secret": secret}
+
+
+def untrusted_observed(run) -> dict:
+    rows, outputs = run["rows"], run["outputs"]
+    seen = {}
+    clean_outputs = not any(_raw_unsafe(o) for o in outputs.values())
+    stored_clean = all(not _raw_unsafe(r["error"] or "") for r in rows.values())
+    for name in ("escape-in-status-line", "escape-in-redirect"):
+        (url,) = run["cases"][name]
+        error = rows[url]["error"] or ""
+        seen[name] = "escaped" if clean_outputs and stored_clean and "\\u001b" in error else outcome(rows[url])
+    by_title = {json.loads(r["meta"])["title"]: r for r in rows.values() if r["meta"]}
+    cell = by_title["bad url cell"]
+    seen["escape-in-csv-cell"] = ("escaped" if clean_outputs and stored_clean and cell["error"].startswith("invalid-url")
+                                  and "\\u001b" in outputs["query-json"] else "raw")
+    local = by_title["a local file"]
+    seen["escape-in-file-name"] = ("escaped" if clean_outputs and local["status"] == "ok"
+                                   and "cat\\u001b]0;pwned\\u0007" in outputs["query"] else "raw")
+    creds = {outcome(rows.get(u.replace("user:s3cret@", ""))) for u in run["cases"]["credentials-in-url"]}
+    seen["credentials-in-url"] = creds.pop() if len(creds) == 1 else str(creds)
+    return seen
+
+
+def test_untrusted_text_and_credentials_never_reach_the_terminal_or_the_database(untrusted_run):
+    run, rows, outputs = untrusted_run, untrusted_run["rows"], untrusted_run["outputs"]
+    assert untrusted_observed(run) == {"escape-in-status-line": "escaped", "escape-in-redirect": "escaped",
+                                       "escape-in-csv-cell": "escaped", "escape-in-file-name": "escaped",
+                                       "credentials-in-url": "ok"}
+    for name, text in outputs.items():
+        assert not _raw_unsafe(text), (name, text)
+        assert "s3cret" not in text, (name, text)
+    assert "\\u001b" in outputs["error"] and outputs["error"].startswith("Error: ")  # a CSV's own name
+    assert "http-404" in outputs["query-url-error"]
+    status = rows[run["cases"]["escape-in-status-line"][0]]
+    assert status["error"].startswith("http-599: Bad \\u001b]0;pwned\\u0007") and status["http_status"] == 599
+    # nothing stored holds the password; the rows are keyed without it
+    conn = store.connect(run["db"])
+    try:
+        dump = "\n".join(str(tuple(r)) for r in conn.execute("SELECT * FROM images"))
+    finally:
+        conn.close()
+    assert "s3cret" not in dump
+    srv, other = run["servers"]
+    sent = [h.get("Authorization") for _, p, h in srv.requests if p == "/private.jpg"]
+    assert sent == [f"Basic {run['secret']}"]  # the credentials went to their own host
+    assert all("Authorization" not in h for _, _, h in other.requests)  # never to a redirect's other host
+    # JSON output stays valid and exact: the title comes back with its escape and bidi characters
+    titles = {r["meta"].get("title") for r in run["query_json"] if r["meta"]}
+    assert f"title {ESC_TEXT} \u202eevil\u202c" in titles
+    assert_consistent(run["db"])
+
+
+@pytest.fixture(scope="module")
+def blocked_run(servers, env, tmp_path_factory):
+    """An ingest without DINOV2_ALLOW_PRIVATE of URLs that spell the test server's loopback address every way."""
+    srv = servers("blocked")
+    port = srv.port
+    srv.add("/a.jpg", body=jpeg(1410), headers={"Content-Type": "image/jpeg"})
+    srv.add("/hop.jpg", status=302, headers={"Location": f"http://127.1:{port}/a.jpg"})
+    urls = [f"http://{h}:{port}/a.jpg" for h in ("127.0.0.1", "127.1", "2130706433", "0x7f.1", "017700000001",
+                                                  "localhost", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0")]
+    urls += ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg", "http://[fe80::1]/x.jpg",
+             "http://224.0.0.1/x.jpg", srv.url("/hop.jpg")]
+    root = tmp_path_factory.mktemp("blocked")
+    csv, db = write_csv(root / "data.csv", urls), root / "g.db"
+    strict = {k: v for k, v in env.items() if k != "DINOV2_ALLOW_PRIVATE"}
+    summary, _ = ingest_ok(strict, csv, db)
+    return {"cases": {"blocked-address": urls}, "rows": rows_by_url(db), "summary": summary, "server": srv}
+
+
+def test_private_addresses_are_refused_in_every_spelling(blocked_run):
+    assert observed(blocked_run) == {"blocked-address": "failed: blocked-address"}
+    assert blocked_run["server"].count() == 0  # nothing was sent, not even the redirect's first hop
+    assert blocked_run["summary"]["failure_reasons"] == {"blocked-address": len(blocked_run["cases"]["blocked-address"])}
+    assert all("--allow-private" in r["error"] for r in blocked_run["rows"].values())
+
+
+@pytest.fixture(scope="module")
+def fairness_run(servers, env, tmp_path_factory):
+    """12 rows on a host answering 429 with Retry-After 60 s, then 4 rows on another host (--timeout 3)."""
+    busy, good = servers("throttling"), servers("throttling-neighbour")
+    throttled = [busy.add(f"/t/{i}.jpg", status=429, body=b"slow down", headers={"Retry-After": "60"})
+                 for i in range(12)]
+    fine = [good.add(f"/g/{i}.jpg", body=jpeg(1420 + i), headers={"Content-Type": "image/jpeg"}) for i in range(4)]
+    root = tmp_path_factory.mktemp("fairness")
+    csv, db = write_csv(root / "data.csv", throttled + fine), root / "g.db"
+    summary, elapsed = ingest_ok(env, csv, db, "--timeout", 3, "--workers", 8)
+    # the first rows of the throttled host were tried (4 at once: its per-host share); the rest were not
+    return {"cases": {"throttled-host": fine, "failing-host": throttled[4:]}, "rows": rows_by_url(db),
+            "summary": summary, "seconds": elapsed, "tried": throttled[:4], "busy": busy, "db": db}
+
+
+def test_a_throttling_host_holds_back_only_its_own_rows_and_is_given_up_fast(fairness_run):
+    run = fairness_run
+    assert observed(run) == {"throttled-host": "ok", "failing-host": "failed: host-failing"}
+    assert {outcome(run["rows"][u]) for u in run["tried"]} <= {"failed: http-429", "failed: host-busy"}
+    assert run["busy"].count() <= 4  # the given-up rows made no request
+    assert run["seconds"] < 20, run["seconds"]  # not the 60 s Retry-After
+    assert all(run["rows"][u]["error"].startswith("host-failing: not tried") for u in run["cases"]["failing-host"])
+    from retrieval.ingest import is_transient
+
+    assert all(is_transient(run["rows"][u]["error"]) for u in run["cases"]["failing-host"])  # a later run retries
+
+
+@pytest.fixture(scope="module")
+def csv_kinds_run(servers, env, tmp_path_factory):
+    """CSVs whose URL column is not named url, saved as UTF-16, a binary file, a --url-column naming nothing."""
+    srv = servers("csv-kinds")
+    root = tmp_path_factory.mktemp("csv-kinds")
+    a = srv.add("/p.jpg", body=jpeg(1430), headers={"Content-Type": "image/jpeg"})
+    b = srv.add("/u16.jpg", body=jpeg(1431), headers={"Content-Type": "image/jpeg"})
+    seen: dict[str, str] = {}
+    (root / "ids.csv").write_text(f"id,photo_url\n7,{a}\n", encoding="utf-8")
+    s, _ = ingest_ok(env, root / "ids.csv", root / "g.db")
+    row = rows_by_url(root / "g.db").get(a)
+    seen["url-column-by-content"] = outcome(row) if (s["url_column"], s["url_column_how"]) == ("photo_url", "by content") \
+        and json.loads(row["meta"]) == {"id": "7"} else f"column {s['url_column']}"
+    (root / "excel.csv").write_bytes(f"url\ttitle\r\n{b}\tcafé\r\n".encode("utf-16"))
+    ingest_ok(env, root / "excel.csv", root / "g.db")
+    row = rows_by_url(root / "g.db").get(b)
+    seen["utf-16-csv"] = outcome(row) if row and json.loads(row["meta"]) == {"title": "café"} else "missing"
+    (root / "photo.csv").write_bytes(save(picture(1432), "PNG"))
+    refused = {}
+    for name, args in (("binary-csv", ["--csv", root / "photo.csv"]),
+                       ("url-column-missing", ["--csv", root / "ids.csv", "--url-column", "nope"])):
+        db = root / f"{name}.db"
+        p = _cli(env, "ingest", *args, "--db", db)
+        one_error_line(p, args[1])
+        assert not db.exists(), name  # refused before a gallery was created
+        seen[name] = f"exit {p.returncode}"
+        refused[name] = p.stderr
+    return {"seen": seen, "stderr": refused}
+
+
+def test_csv_url_column_utf16_and_binary_files(csv_kinds_run):
+    assert csv_kinds_run["seen"] == {"url-column-by-content": "ok", "utf-16-csv": "ok", "binary-csv": "exit 2",
+                                     "url-column-missing": "exit 2"}
+    assert "not a text CSV file" in csv_kinds_run["stderr"]["binary-csv"]
+    assert "PNG image" in csv_kinds_run["stderr"]["binary-csv"]
+    assert "no column named 'nope'" in csv_kinds_run["stderr"]["url-column-missing"]

@@ -51,6 +51,7 @@ def env(weights, tmp_path_factory) -> dict:
     e = {k: v for k, v in os.environ.items()
          if k.lower() not in ("http_proxy", "https_proxy", "all_proxy") and not k.startswith("DINOV2_")}
     e.update(DINOV2_OFFLINE="1", DINOV2_WEIGHTS=str(weights), DINOV2_CACHE=str(tmp_path_factory.mktemp("cache")),
+             DINOV2_ALLOW_PRIVATE="1",  # the test servers are on 127.0.0.1 (see conftest.py)
              NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     return e
 
@@ -481,6 +482,7 @@ def test_sigint_exits_130_and_records_the_run_interrupted(http_server, env, inge
             proc.kill()
             proc.communicate(timeout=10)
     assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "Interrupted.", err  # typer would exit 130 silently
     counts = assert_consistent(db)
     assert 4 <= counts.get("ok", 0) < 40, counts
     (run,) = _runs(db)
@@ -655,6 +657,197 @@ def test_ingest_dir_recursive_rerun_and_changed_file(ingest, tmp_path):
     assert row["status"] == "ok" and row["width"] == 90 and row["mtime"] == st.st_mtime_ns + 5_000_000_000
     assert row["content_sha256"] == hashlib.sha256((folder / "a.jpg").read_bytes()).hexdigest()
     assert assert_consistent(db) == {"ok": 3, "failed": 1}
+
+
+def test_changed_local_file_keeps_its_duplicate_chain(cli, ingest, tmp_path):
+    """Issue 10: a.png (X), b.png (copy of a), c.png (Y); then `cp c.png a.png` and ingest --dir again: content X
+    keeps its vector through b, a is a duplicate of c, search by b's picture finds b, doctor is clean."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(60))
+    shutil.copy(folder / "a.png", folder / "b.png")
+    (folder / "c.png").write_bytes(png(61))
+    db = tmp_path / "g.db"
+    s = ingest("--dir", folder, "--db", db)
+    assert (s["new"], s["duplicate"]) == (2, 1), s
+    st = os.stat(folder / "a.png")
+    shutil.copy(folder / "c.png", folder / "a.png")
+    os.utime(folder / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    s = ingest("--dir", folder, "--db", db)
+    assert s["duplicate"] == 1 and s["skipped"] == 2, s
+    rows = {Path(u).name: r for u, r in rows_by_url(db).items()}
+    a, b, c = rows["a.png"], rows["b.png"], rows["c.png"]
+    assert a["status"] == "duplicate" and a["duplicate_of"] == c["id"]
+    assert b["status"] == "ok" and b["duplicate_of"] is None
+    assert b["content_sha256"] == hashlib.sha256(png(60)).hexdigest()
+    assert assert_consistent(db) == {"ok": 2, "duplicate": 1}
+    (tmp_path / "query.png").write_bytes(png(60))
+    p = cli("query", tmp_path / "query.png", "--db", db, "-k", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)[0]["id"] == b["id"]
+    p = cli("doctor", "--db", db)
+    assert p.returncode == 0, p.stdout
+
+
+# ---------------------------------------------------------------- rough edges (issue 10)
+
+
+def _stored_files(db) -> tuple[set, set]:
+    """(files in the gallery's images folder, the files its rows refer to)."""
+    folder = Path(db).with_name(Path(db).stem + "_images")
+    files = {str(p) for p in folder.rglob("*") if p.is_file()}
+    conn = store.connect(db)
+    try:
+        named = {str(Path(db).parent / r[0]) for r in conn.execute("SELECT path FROM images WHERE path IS NOT NULL")}
+    finally:
+        conn.close()
+    return files, named
+
+
+def test_sigterm_records_the_run_interrupted_and_leaves_no_orphan_originals(http_server, env, tmp_path):
+    """SIGTERM (a service manager, `kill`): the same clean stop as Ctrl-C -- the run is recorded 'interrupted'
+    (not left 'running'), one line, exit 143 -- and the originals stored for rows that were never committed (the
+    batch waiting for the encoder) are removed, so doctor finds no orphan file."""
+    csv, db = _slow_gallery(http_server, tmp_path, n=40, delay=0.05)
+    proc = subprocess.Popen([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db), "--batch-size",
+                             "8", "--workers", "8", "-q"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _ok_count(db) >= 8 or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert err.strip() == "Interrupted (SIGTERM).", err
+    (run,) = _runs(db)
+    assert run["status"] == "interrupted" and run["finished_at"] is not None
+    counts = assert_consistent(db)
+    assert counts["ok"] < 40, counts
+    files, named = _stored_files(db)
+    assert files and files <= named, sorted(files - named)
+    p = subprocess.run([sys.executable, "cli.py", "doctor", "--db", str(db)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout
+    assert " orphan_files " in p.stdout
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(http_server, env, tmp_path):
+    csv, db = _slow_gallery(http_server, tmp_path, n=16, delay=0.3)
+    p = subprocess.run([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db), "--workers", "2",
+                        "--progress-every", "0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("progress ")]
+    assert len(lines) >= 2, p.stderr
+    assert "\r" not in p.stderr and "\033" not in p.stderr  # plain lines, no terminal control
+    assert all("/16" in ln and "img/s" in ln for ln in lines), lines
+    p = subprocess.run([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db), "-q",
+                        "--retry-failed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_rerun_with_nothing_new_does_not_load_or_read_the_weights(weights, tmp_path, monkeypatch):
+    """In process, counting: the first run loads the model once; a re-run over the same folder neither loads nor
+    hashes the weights (the sha256 is remembered); a re-run with one new file loads it once."""
+    from typer.testing import CliRunner
+
+    import cli as C
+    from retrieval import encoder as E
+    from retrieval import lazyencoder as L
+
+    loads, hashes = [], []
+    real_load, real_hash = E.load_params, L.file_sha256
+    monkeypatch.setattr(E, "load_params", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(L, "file_sha256", lambda *a, **k: hashes.append(a) or real_hash(*a, **k))
+    monkeypatch.setenv("DINOV2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DINOV2_OFFLINE", "1")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png(70 + i))
+    db = tmp_path / "g.db"
+    args = ["ingest", "--dir", str(folder), "--db", str(db), "--weights", str(weights), "--json", "-q"]
+    runner = CliRunner()
+    r = runner.invoke(C.app, args)
+    assert r.exit_code == 0, r.output
+    assert (len(loads), len(hashes)) == (1, 1)
+    r = runner.invoke(C.app, args)
+    assert r.exit_code == 0 and json.loads(r.output)["skipped"] == 3, r.output
+    assert (len(loads), len(hashes)) == (1, 1)  # nothing new: the weights were not touched
+    (folder / "new.png").write_bytes(png(80))
+    r = runner.invoke(C.app, args)
+    assert r.exit_code == 0 and json.loads(r.output)["new"] == 1, r.output
+    assert (len(loads), len(hashes)) == (2, 1)
+    assert assert_consistent(db) == {"ok": 4}
+
+
+def test_a_database_locked_by_another_program_is_reported_as_locked(weights, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli as C
+
+    monkeypatch.setenv("DINOV2_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(90))
+    db = tmp_path / "g.db"
+    args = ["ingest", "--dir", str(folder), "--db", str(db), "--weights", str(weights), "-q"]
+    assert CliRunner().invoke(C.app, args).exit_code == 0
+    (folder / "b.png").write_bytes(png(91))
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.5)
+    other = store.connect(db)
+    other.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+    try:
+        r = CliRunner().invoke(C.app, args)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert isinstance(r.exception, store.DatabaseError), r.output
+    message = str(r.exception)
+    assert "locked by another program" in message and str(db) in message and "disk full" not in message, message
+
+
+def test_embed_checks_the_output_folder_before_encoding(cli, tmp_path):
+    (tmp_path / "a.png").write_bytes(png(92))
+    missing = tmp_path / "missing_dir" / "x.npy"
+    t0 = time.monotonic()
+    p = cli("embed", tmp_path / "a.png", "--out", missing, "--weights", tmp_path / "no-weights-here.safetensors")
+    one_error_line(p, "--out", "missing_dir")  # before the weights are even looked for
+    assert not missing.parent.exists()
+
+
+def test_failed_weights_download_says_what_to_do_and_leaves_no_gallery(tmp_path):
+    """No weights anywhere and the hub unreachable: one line naming --weights, DINOV2_WEIGHTS, DINOV2_HUB_URL and
+    --offline, not cut mid-word, and no empty gallery.db left in the working directory."""
+    import socket as S
+
+    s = S.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: the download fails at once
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DINOV2_")
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(DINOV2_CACHE=str(tmp_path / "cache"), DINOV2_HUB_URL=f"http://127.0.0.1:{port}",
+               DINOV2_ALLOW_PRIVATE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    work = tmp_path / "work"
+    work.mkdir()
+    csv = write_csv(work / "data.csv", ["http://127.0.0.1:9/a.jpg"])
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ingest", "--csv", str(csv), "-q"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("Error:")]  # (after the download's own notes)
+    assert len(errors) == 1 and p.stderr.rstrip().endswith(errors[0]) and "Traceback" not in p.stderr, p.stderr
+    for words in ("--weights", "DINOV2_WEIGHTS", "DINOV2_HUB_URL", "--offline"):
+        assert words in errors[0], (words, errors[0])
+    import re
+
+    assert not re.search(r"\w\.\.\.", p.stderr), p.stderr  # a shortened reason ends at a word, then " ..."
+    assert sorted(os.listdir(work)) == ["data.csv"]  # no gallery.db, no images folder
 
 
 # ---------------------------------------------------------------- the demo

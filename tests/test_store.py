@@ -477,3 +477,168 @@ def test_changed_content_of_an_ok_row_promotes_its_duplicate(tmp_path):
     np.testing.assert_allclose(store.get_vector(conn, b), a_old)
     np.testing.assert_allclose(store.get_vector(conn, a), a_new)
     assert store.check(conn) == []
+
+
+def test_an_ok_row_that_becomes_a_duplicate_of_other_content_hands_its_vector_to_its_duplicate(tmp_path):
+    """Issue 10: a.png (X), b.png (copy of a), c.png (Y); a's file then holds Y. a becomes a duplicate of c,
+    and content X keeps its vector through b (promoted to ok), not dangling at a."""
+    conn = store.connect(tmp_path / "g.db")
+    store.ensure_model(conn, {"variant": "small", "weights_sha256": "0" * 64, "preprocess": "resize-short",
+                              "interpolation": "hf", "pooling": "cls", "dim": 4})
+    x, y = np.array([1.0, 0, 0, 0]), np.array([0, 1.0, 0, 0])
+    a, _ = store.record_ok(conn, {"url": "/x/a.png", "content_sha256": "a" * 64}, x)
+    b, st = store.record_ok(conn, {"url": "/x/b.png", "content_sha256": "a" * 64}, x)
+    c, _ = store.record_ok(conn, {"url": "/x/c.png", "content_sha256": "c" * 64}, y)
+    assert st == "duplicate"
+    assert store.record_duplicate(conn, {"url": "/x/a.png", "content_sha256": "c" * 64}, c) == (a, "duplicate")
+    rows = {r["id"]: dict(r) for r in conn.execute("SELECT id, status, duplicate_of, content_sha256 FROM images")}
+    assert rows[a]["status"] == "duplicate" and rows[a]["duplicate_of"] == c
+    assert rows[b]["status"] == "ok" and rows[b]["duplicate_of"] is None and rows[b]["content_sha256"] == "a" * 64
+    np.testing.assert_allclose(store.get_vector(conn, b), x)
+    assert store.get_vector(conn, a) is None
+    assert [r["id"] for r in store.search(conn, x, 1)] == [b]
+    assert store.check(conn) == []
+    conn.close()
+
+
+# ---------------------------------------------------------------- read-only readers (issue 10)
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DINOV2_")}
+    env.update(DINOV2_OFFLINE="1", DINOV2_ALLOW_PRIVATE="1")
+    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _digest(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _not_a_gallery(kind, path):
+    """Write a file that is not a gallery; returns the words the refusal must hold."""
+    import sqlite3
+
+    if kind == "zero-bytes":
+        path.write_bytes(b"")
+        return "empty file"
+    if kind == "text":
+        path.write_text("hello, not a database\n" * 20)
+        return "not a SQLite database"
+    conn = sqlite3.connect(path)
+    if kind == "unrelated-sqlite":
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.execute("INSERT INTO notes (body) VALUES ('keep me')")
+        words = "tables notes"
+    elif kind == "foreign-images-table":
+        conn.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, name TEXT, data BLOB)")
+        conn.execute("INSERT INTO images (name) VALUES ('holiday.jpg')")
+        words = "images table is not a gallery's"
+    else:  # a SQLite file in WAL mode without tables
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA user_version = 7")
+        words = "empty SQLite database"
+    conn.commit()
+    conn.close()
+    return words
+
+
+@pytest.mark.parametrize("kind", ["zero-bytes", "text", "unrelated-sqlite", "foreign-images-table", "empty-sqlite"])
+def test_readers_refuse_what_is_not_a_gallery_in_one_line_and_leave_it_unchanged(tmp_path, kind):
+    path = tmp_path / "other.db"
+    words = _not_a_gallery(kind, path)
+    digest = _digest(path)
+    listing = sorted(os.listdir(tmp_path))
+    commands = [("stats",), ("doctor",)]
+    if kind in ("unrelated-sqlite", "foreign-images-table"):  # (a blank file may become a gallery: writers)
+        commands += [("query", "--id", "1"), ("doctor", "--repair"), ("ingest", "--csv", ROOT / "demo_data" / "demo.csv")]
+    for args in commands:
+        p = _cli(*args, "--db", path)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: ") and "Traceback" not in p.stderr, p.stderr
+        assert str(path) in p.stderr and words in p.stderr, (args, p.stderr)
+        assert _digest(path) == digest, args
+        assert sorted(os.listdir(tmp_path)) == listing, args  # no -wal, -shm, journal or images folder either
+    with pytest.raises(DatabaseError, match=words):
+        store.connect(path, readonly=True)
+    assert _digest(path) == digest
+
+
+def _wal_gallery(path, n=5):
+    """A gallery whose last n rows are only in its -wal (a writer holds it open, checkpoints off). Returns the
+    writer connection."""
+    conn = store.connect(path)
+    store.ensure_model(conn, model(8))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    store.commit_batch(conn, [dict(status="failed", url=f"http://h/{i}", error="http-404: x") for i in range(n)])
+    return conn
+
+
+def test_read_only_open_reads_the_wal_and_writes_nothing(tmp_path):
+    path = tmp_path / "g.db"
+    writer = _wal_gallery(path)
+    try:
+        main, wal = _digest(path), _digest(str(path) + "-wal")
+        conn = store.connect(path, readonly=True)
+        assert store.stats(conn)["counts"]["failed"] == 5  # rows only in the -wal are seen
+        with pytest.raises(store.SQLITE_ERRORS):
+            conn.execute("DELETE FROM images")
+        conn.close()
+        assert (_digest(path), _digest(str(path) + "-wal")) == (main, wal)
+        # the same files where the -shm cannot be created (a directory in its place): still readable, unchanged
+        other = tmp_path / "copy"
+        other.mkdir()
+        shutil.copy(path, other / "g.db")
+        shutil.copy(str(path) + "-wal", other / "g.db-wal")
+        (other / "g.db-shm").mkdir()
+        conn = store.connect(other / "g.db", readonly=True)
+        assert store.stats(conn)["counts"]["failed"] == 5
+        conn.close()
+        assert (_digest(other / "g.db"), _digest(other / "g.db-wal")) == (main, wal)
+        p = _cli("stats", "--json", "--db", other / "g.db")
+        assert p.returncode == 0, p.stderr
+        assert __import__("json").loads(p.stdout)["counts"]["failed"] == 5
+    finally:
+        writer.close()
+    # a gallery closed cleanly (no -wal): the CLI's stats reads it; the database file is unchanged
+    digest = _digest(path)
+    p = _cli("stats", "--db", path)
+    assert p.returncode == 0 and "5 failed" in p.stdout, p.stdout + p.stderr
+    assert _digest(path) == digest
+
+
+def test_older_schema_is_read_as_it_is_or_refused_naming_the_upgrade(tmp_path, monkeypatch):
+    # a gallery of the 0001 schema only (no runs table): stats needs runs -> one line naming the upgrade command
+    path = tmp_path / "old.db"
+    conn = store.connect(path, apply_migrations=False)
+    store.migrate(conn, upto=1)
+    store.ensure_model(conn, model(8))
+    store.record_failed(conn, dict(url="http://h/x", error="http-404: x"))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    digest = _digest(path)
+    p = _cli("stats", "--db", path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "older" in p.stderr and f"python cli.py doctor --db {path} --repair" in p.stderr, p.stderr
+    assert _digest(path) == digest
+    # following the advice upgrades it; then stats works
+    p = _cli("doctor", "--db", path, "--repair")
+    assert "applied migrations" in p.stdout, p.stdout + p.stderr
+    p = _cli("stats", "--db", path)
+    assert p.returncode == 0 and "1 failed" in p.stdout, p.stderr
+    # a gallery missing a migration this code adds later (here: one more file) is read as it is, not migrated
+    extra = tmp_path / "migrations"
+    shutil.copytree(store.MIGRATIONS_DIR, extra)
+    (extra / "0099_later.sql").write_text("CREATE TABLE later (x);\n")
+    monkeypatch.setattr(store, "MIGRATIONS_DIR", extra)
+    digest = _digest(path)
+    conn = store.connect(path, readonly=True)
+    assert conn.pending_migrations == ["0099_later"]
+    assert store.stats(conn)["counts"]["failed"] == 1
+    conn.close()
+    assert _digest(path) == digest and "later" not in tables(store.connect(path, apply_migrations=False))
