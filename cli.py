@@ -601,7 +601,7 @@ def export(
 
     from retrieval.export import export as run_export
 
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, must_exist=True, readonly=True)
     try:
         result = run_export(conn, db_path, out, fmt, status or ("ok",))
     finally:
@@ -635,7 +635,7 @@ def reindex(
     from retrieval.export import reindex as run_reindex
     from retrieval.hub import resolve_weights
 
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, must_exist=True, readonly=True)
     try:
         recorded = store.get_model(conn) or {}
     finally:
@@ -667,7 +667,7 @@ def backup(
     """Copy the gallery into one self-contained file with SQLite's backup API (safe while it is in use; a plain cp may miss the -wal file)."""
     from retrieval import store
 
-    db_path, conn = _open_db(db, must_exist=True)
+    db_path, conn = _open_db(db, must_exist=True, readonly=True)
     try:
         store.backup(conn, dest)
         n = store.stats(conn)["counts"]["total"]

@@ -325,7 +325,7 @@ def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
     """The source gallery's rows as ingest Items whose bytes come from disk: ok rows, then duplicates,
     then failures (with their recorded reason), each group by id. The gallery is opened on the first
     ``next()`` (the ingest producer's thread: a connection belongs to the thread that made it)."""
-    src = store.connect(src_path)
+    src = store.connect(src_path, readonly=True)
     try:
         yield from _reindex_items(src, src_path, images_dir)
     finally:
@@ -404,7 +404,7 @@ def reindex(src_path, out_path, encoder, *, force: bool = False, images_dir=None
         raise InputError(f"--out {out_path}: already exists; pass --force to replace it")
     if not out_path.parent.is_dir():
         raise InputError(f"--out {out_path}: no such folder {out_path.parent}")
-    src = store.connect(src_path)
+    src = store.connect(src_path, readonly=True)
     try:
         if store.get_model(src) is None:
             raise DatabaseError(f"{src_path}: the gallery is empty (no model recorded): nothing to reindex")
