@@ -134,11 +134,15 @@ class Item:
     reserved: int = 0  # bytes of the run's memory budget its pixels hold, until encoded
     fetch_url: str | None = None  # the URL to download when it differs from ``url`` (which has no user info)
     thumb: thumbs.Thumb | None = None  # made from the decoded image; stored with the ok row (thumbs.py)
+    original: str | None = None  # set: read the bytes from this file instead of fetching the URL (reindex)
+    id: int | None = None  # set: the images.id to record the row under (reindex keeps the source's ids)
 
     def row(self) -> dict:
         # stored failure reasons never hold control or bidi characters (server texts, file names, CSV cells)
         r = {"url": self.url, "url_hash": self.url_hash, "meta": self.meta or None, "mtime": self.mtime,
              "http_status": self.http_status, "error": None if self.error is None else clean_text(self.error)}
+        if self.id is not None:
+            r["id"] = self.id
         r.update(self.info)
         return r
 
@@ -448,7 +452,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 if x.error is not None:  # a bad CSV row: recorded as failed, nothing to fetch
                     remember(x.url_hash)
                     put(x)
-                elif x.local:
+                elif x.local or x.original is not None:
                     remember(x.url_hash)
                     put(read_local(x))
                 else:  # remembered once its result is back (the fetcher may read far ahead)
@@ -459,11 +463,13 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def read_local(item: Item) -> Item:
         try:
-            data = read_local_bytes(item.file or item.url, local_root, options.fetch.max_bytes)
+            data = read_local_bytes(item.original or item.file or item.url, local_root, options.fetch.max_bytes)
         except ImageError as exc:
             item.error = f"{exc.reason}: {exc.problem}"
             return item
-        return _prepare(item, data, route, images_dir if options.copy_originals else None, db_dir, holder_of)
+        # a local file stays where it is (unless --copy-originals); a stored original (reindex) is kept like a download
+        keep = images_dir if options.copy_originals or not item.local else None
+        return _prepare(item, data, route, keep, db_dir, holder_of, written)
 
     try:
         results = fetch_many(((item, url) for item, url in todo()), workers=options.workers, fetcher=fetcher)
@@ -659,6 +665,11 @@ def run(conn, db_path, source: Iterator[Item], source_name: str, encoder: Encode
         counts = {"new": summary.new, "skipped": summary.skipped, "failed": summary.failed,
                   "duplicate": summary.duplicate, "images_per_s": summary.images_per_s}
         store.finish_run(conn, summary.run_id, counts, status)
+        # the run's writes go into the database file itself: a copy of the .db alone misses nothing
+        try:
+            store.checkpoint(conn)
+        except store.SQLITE_ERRORS:  # e.g. the disk is full: the WAL keeps the data, the next run folds it in
+            pass
     return summary
 
 

@@ -70,7 +70,7 @@ RUN_STATUSES = ("running", "completed", "interrupted", "crashed")
 MODEL_FIELDS = ("variant", "weights_sha256", "preprocess", "interpolation", "pooling", "dim")
 # keys a row dict given to record_* may hold
 ROW_FIELDS = (
-    "url", "url_hash", "error", "http_status", "content_sha256", "width", "height", "format", "bytes",
+    "id", "url", "url_hash", "error", "http_status", "content_sha256", "width", "height", "format", "bytes",
     "path", "mtime", "meta",
 )
 KNOWN_FIELDS = ("id", "url", "status", "attempts", "error", "http_status", "mtime", "content_sha256")
@@ -108,11 +108,27 @@ SQLITE_ERRORS = _sqlite_errors()
 _CONNECTION_CLASSES: dict = {}
 
 
+class _CheckpointOnClose:
+    """Mixed into the driver's Connection: a clean close (no transaction open) of a connection that wrote
+    something first checkpoints the WAL into the database file and truncates it (:func:`checkpoint`), so a
+    copy of the ``.db`` file alone holds everything even while another process keeps the database open.
+    A connection that only read leaves the file alone (``doctor`` reports a WAL, ``--repair`` folds it in)."""
+
+    def close(self):
+        try:
+            if not self.in_transaction and self.total_changes > 0:
+                checkpoint(self, wait_s=0.2)
+        except Exception:  # noqa: BLE001 - closed, read-only or not a database: closing must still work
+            pass
+        super().close()
+
+
 def _connection_class(driver):
-    """A subclass of the driver's Connection that can carry the path it was opened with."""
+    """A subclass of the driver's Connection that can carry the path it was opened with (and checkpoints
+    the WAL when closed cleanly)."""
     cls = _CONNECTION_CLASSES.get(driver)
     if cls is None:
-        cls = type("GalleryConnection", (driver.Connection,), {"path": None})
+        cls = type("GalleryConnection", (_CheckpointOnClose, driver.Connection), {"path": None})
         _CONNECTION_CLASSES[driver] = cls
     return cls
 
@@ -190,6 +206,45 @@ def _enable_wal(conn) -> None:
             if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def checkpoint(conn, wait_s: float = 2.0) -> dict:
+    """``PRAGMA wal_checkpoint(TRUNCATE)``: copy the WAL into the database file and empty it, waiting at
+    most ``wait_s`` seconds for other connections (a reader in the middle of a read holds it off; it is
+    then left incomplete, never an error). Returns ``{busy, wal_frames, checkpointed}`` as SQLite reports
+    them (busy 0 and both counts 0 afterwards: the ``-wal`` file is empty)."""
+    before = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout = {max(0, int(wait_s * 1000))}")
+    try:
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(before)}")
+    return {"busy": int(busy), "wal_frames": int(frames), "checkpointed": int(done)}
+
+
+def backup(conn, dest) -> Path:
+    """Copy the gallery to ``dest`` with SQLite's online backup API (a consistent snapshot, the WAL's
+    content included, while other connections keep reading and writing). Refuses an existing ``dest``."""
+    dest = Path(dest)
+    if dest.exists():
+        raise DatabaseError(f"{dest}: already exists; give a new file name for the backup")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        target = _driver().connect(str(tmp))
+        try:
+            conn.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE").fetchone()  # one self-contained file
+        finally:
+            target.close()
+        os.replace(tmp, dest)
+    except SQLITE_ERRORS as exc:
+        raise DatabaseError(f"{dest}: cannot write the backup ({exc})") from None
+    except OSError as exc:
+        raise DatabaseError(f"{dest}: cannot write the backup ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
 
 
 @contextmanager
@@ -496,9 +551,9 @@ def _check_vector(vector, dim: int) -> bytes:
 
 
 _UPSERT_OK = """
-INSERT INTO images (url, url_hash, status, error, attempts, http_status, content_sha256, duplicate_of,
+INSERT INTO images (id, url, url_hash, status, error, attempts, http_status, content_sha256, duplicate_of,
                     width, height, format, bytes, path, mtime, meta, created_at, updated_at)
-VALUES (:url, :url_hash, 'ok', NULL, 1, :http_status, :content_sha256, NULL,
+VALUES (:id, :url, :url_hash, 'ok', NULL, 1, :http_status, :content_sha256, NULL,
         :width, :height, :format, :bytes, :path, :mtime, :meta, :now, :now)
 ON CONFLICT (url_hash) DO UPDATE SET
     url = excluded.url, status = 'ok', error = NULL, attempts = images.attempts + 1,
@@ -509,9 +564,9 @@ ON CONFLICT (url_hash) DO UPDATE SET
 """
 
 _UPSERT_FAILED = """
-INSERT INTO images (url, url_hash, status, error, attempts, http_status, content_sha256,
+INSERT INTO images (id, url, url_hash, status, error, attempts, http_status, content_sha256,
                     width, height, format, bytes, path, mtime, meta, created_at, updated_at)
-VALUES (:url, :url_hash, 'failed', :error, 1, :http_status, :content_sha256,
+VALUES (:id, :url, :url_hash, 'failed', :error, 1, :http_status, :content_sha256,
         :width, :height, :format, :bytes, :path, :mtime, :meta, :now, :now)
 ON CONFLICT (url_hash) DO UPDATE SET
     url = excluded.url, attempts = images.attempts + 1, error = excluded.error,
@@ -527,9 +582,9 @@ ON CONFLICT (url_hash) DO UPDATE SET
 """
 
 _UPSERT_DUPLICATE = """
-INSERT INTO images (url, url_hash, status, error, attempts, http_status, content_sha256, duplicate_of,
+INSERT INTO images (id, url, url_hash, status, error, attempts, http_status, content_sha256, duplicate_of,
                     width, height, format, bytes, path, mtime, meta, created_at, updated_at)
-VALUES (:url, :url_hash, 'duplicate', NULL, 1, :http_status, :content_sha256, :duplicate_of,
+VALUES (:id, :url, :url_hash, 'duplicate', NULL, 1, :http_status, :content_sha256, :duplicate_of,
         :width, :height, :format, :bytes, :path, :mtime, :meta, :now, :now)
 ON CONFLICT (url_hash) DO UPDATE SET
     url = excluded.url, status = 'duplicate', error = NULL, attempts = images.attempts + 1,
@@ -544,7 +599,8 @@ def record_ok(conn, row: dict, vector) -> tuple[int, str]:
     """Insert or update the row as ok and replace its vector (DELETE + INSERT: vec0 has no upsert).
 
     ``row``: url (required) and any of url_hash (computed when absent), http_status, content_sha256,
-    width, height, format, bytes, path, mtime, meta (dict or JSON text). ``vector``: shape (D,),
+    width, height, format, bytes, path, mtime, meta (dict or JSON text), id (the id a NEW row gets; an
+    existing row keeps its own). ``vector``: shape (D,),
     L2-normalised (ValueError otherwise). If another ok row already holds the same content_sha256 the
     row is recorded as its duplicate instead. Returns ``(image_id, status_recorded)``.
     """
