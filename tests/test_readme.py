@@ -141,7 +141,9 @@ def test_a_wheel_install_finds_its_migrations(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     (work / "images.csv").write_text("url\n" + "".join(f"{p}\n" for p in sorted((ROOT / "demo_data" / "images").glob("*.jpg"))))
-    proc = subprocess.run([str(venv / "bin" / "dinov2-retrieval"), "ingest", "--csv", "images.csv", "--db", "g.db"],
+    # the CSV names files outside its own folder: --files-root allows that folder (issue 10's confinement)
+    proc = subprocess.run([str(venv / "bin" / "dinov2-retrieval"), "ingest", "--csv", "images.csv", "--db", "g.db",
+                           "--files-root", str(ROOT / "demo_data" / "images")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "completed: 4 new, 0 skipped, 0 failed" in proc.stdout
@@ -191,7 +193,8 @@ def test_a_python_whose_sqlite3_loads_extensions_uses_it(tmp_path):
     csv, db = tmp_path / "images.csv", tmp_path / "g.db"
     csv.write_text("url\n" + "".join(f"{p}\n" for p in images))
     tool = str(venv / "bin" / "dinov2-retrieval")
-    proc = subprocess.run([tool, "ingest", "--csv", str(csv), "--db", str(db)], cwd=tmp_path, env=env,
+    root = ["--files-root", str(ROOT / "demo_data" / "images")]  # the CSV names files outside its folder
+    proc = subprocess.run([tool, "ingest", "--csv", str(csv), "--db", str(db), *root], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "completed: 4 new, 0 skipped, 0 failed" in proc.stdout, proc.stdout + proc.stderr
     query = subprocess.run([tool, "query", str(images[2]), "--db", str(db), "-k", "2"], cwd=tmp_path, env=env,
@@ -201,7 +204,8 @@ def test_a_python_whose_sqlite3_loads_extensions_uses_it(tmp_path):
     assert images[2].name in first and re.search(r"\s1\.0+\s", first), query.stdout
 
     # the same file through sqlean (this interpreter): every image is known
-    again = subprocess.run([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db)], cwd=ROOT, env=env,
+    again = subprocess.run([sys.executable, "cli.py", "ingest", "--csv", str(csv), "--db", str(db), *root], cwd=ROOT,
+                           env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "completed: 0 new, 4 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
     shell = subprocess.run([SQLITE3, str(db), "-cmd", f".load {sqlite_vec.loadable_path()}",
