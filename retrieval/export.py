@@ -321,13 +321,13 @@ def _link_original(original: str, sha: str | None, images_dir: Path | None) -> N
         pass
 
 
-def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
+def reindex_items(src_path, images_dir: Path | None = None, base: Path | None = None) -> Iterator:
     """The source gallery's rows as ingest Items whose bytes come from disk: ok rows, then duplicates,
     then failures (with their recorded reason), each group by id. The gallery is opened on the first
     ``next()`` (the ingest producer's thread: a connection belongs to the thread that made it)."""
     src = store.connect(src_path, readonly=True)
     try:
-        yield from _reindex_items(src, src_path, images_dir)
+        yield from _reindex_items(src, src_path, images_dir, base)
     finally:
         try:
             src.close()
@@ -335,8 +335,10 @@ def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
             pass
 
 
-def _reindex_items(src, src_path, images_dir) -> Iterator:
+def _reindex_items(src, src_path, images_dir, base=None) -> Iterator:
+    """``base``: the new gallery's folder; a local file's key is recorded relative to it (lifecycle.local_key)."""
     from .ingest import Item
+    from .lifecycle import local_key
 
     queries = (
         ("ok", "SELECT i.*, NULL AS holder_path FROM images AS i WHERE status = 'ok' AND id > ? ORDER BY id LIMIT ?"),
@@ -374,6 +376,10 @@ def _reindex_items(src, src_path, images_dir) -> Iterator:
                     if not local:
                         _link_original(item.original, r["content_sha256"], images_dir)
                     if local:
+                        item.file = Path(item.original)
+                        if base is not None:  # keyed as an ingest into the new gallery's folder keys it
+                            item.url = local_key(item.original, base)
+                            item.url_hash = store.url_hash(item.url)
                         try:
                             item.mtime = os.stat(item.original).st_mtime_ns / 1e9  # seconds, as ingest records them
                         except OSError:
@@ -414,7 +420,7 @@ def reindex(src_path, out_path, encoder, *, force: bool = False, images_dir=None
         options = IngestOptions(workers=workers, images_dir=Path(images_dir or default_images_dir(out_path)))
         conn = store.connect(tmp)
         try:
-            summary = run(conn, tmp, reindex_items(src_path, options.images_dir), f"reindex of {src_path.resolve()}", encoder,
+            summary = run(conn, tmp, reindex_items(src_path, options.images_dir, out_path.resolve().parent), f"reindex of {src_path.resolve()}", encoder,
                           options, total=total, progress=progress)
             if summary.status == "completed":
                 store.checkpoint(conn)
