@@ -297,6 +297,12 @@ def ingest(
     offline: bool = OfflineOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; needs the [ray] extra, --csv only)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: the cluster's address (HOST:PORT, auto, ray://...). Default: start a local Ray instance."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="--engine ray: where the Parquet shards go. Default: <db name>_shards beside the database."),
+    block_rows: int = typer.Option(128, "--block-rows", help="--engine ray: CSV rows per block (and per shard)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: encoder actors. Default: one per node."),
+    actor_cpus: Optional[float] = typer.Option(None, "--actor-cpus", help="--engine ray: CPUs per encoder actor (its thread count). Default: a node's CPUs less the download tasks' share."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -311,6 +317,16 @@ def ingest(
 
     if (csv is None) == (folder is None):
         raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: expected local or ray")
+    if engine == "ray":
+        from retrieval import raypath
+
+        if folder is not None:
+            raise ConfigError("--engine ray ingests a --csv (use --engine local for --dir)")
+        raypath.require_ray()  # before the database is opened: without Ray, one line saying how to install it
+        ray_options = raypath.RayOptions(address=ray_address, shards_dir=shards, block_rows=block_rows,
+                                         actors=actors, actor_cpus=actor_cpus)
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
@@ -332,11 +348,14 @@ def ingest(
         pooling=pooling or recorded.get("pooling", "cls"),
         batch_size=batch_size,
     )
-    encoder = load_encoder(resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline),
-                           settings)
+    weights_path = resolve_weights(weights, variant=recorded.get("variant"), allow_download=not offline)
+    encoder = load_encoder(weights_path, settings) if engine == "local" else None
     progress = _Progress(not quiet)
     try:
-        if csv is not None:
+        if engine == "ray":
+            summary = raypath.ingest_csv(conn, db_path, csv, weights_path, settings, options, ray_options,
+                                         progress=progress)
+        elif csv is not None:
             summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
@@ -348,6 +367,46 @@ def ingest(
         typer.echo(json.dumps({**summary.as_dict(), "db": str(db_path)}, indent=2))
     else:
         typer.echo(_summary_line(summary, db_path))
+
+
+@app.command()
+def merge(
+    source: Path = typer.Argument(..., help="A folder of Parquet shards (cli.py ingest --engine ray --shards DIR), or one shard file."),
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the merge's summary as JSON on stdout."),
+):
+    """Merge Parquet shards made elsewhere into the gallery (the same deduplication as an ingest); shards already merged are passed over."""
+    import json
+
+    from retrieval import shards as S
+    from retrieval import store
+    from retrieval.errors import DatabaseError, InputError
+
+    S.pyarrow()  # without pyarrow: one line saying how to install it, before the database is opened
+    if not source.exists():
+        raise InputError(f"{source}: no such shard directory or file")
+    db_path, conn = _open_db(db)
+    run_id = store.start_run(conn, str(source))
+    status = "crashed"
+    m = S.MergeSummary()
+    try:
+        m = S.merge(conn, source)
+        status = "completed"
+    except store.SQLITE_ERRORS as exc:
+        raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.finish_run(conn, run_id, {"new": m.new, "skipped": m.skipped, "failed": m.failed,
+                                        "duplicate": m.duplicate}, status)
+    if as_json:
+        typer.echo(json.dumps({**m.as_dict(), "db": str(db_path), "run_id": run_id}, indent=2))
+    else:
+        line = (f"merged {m.shards} shards ({m.already} already merged): {m.rows} rows, {m.new} new, "
+                f"{m.skipped} skipped, {m.failed} failed, {m.duplicate} duplicate in {m.seconds:.1f} s "
+                f"({m.rows_per_s:.0f} rows/s) -> {db_path}")
+        typer.echo(line)
 
 
 @app.command()

@@ -187,6 +187,34 @@ def dir_items(folder) -> Iterator[Item]:
             yield local_item(path, {"relative_path": str(path.relative_to(root))})
 
 
+def needs_work(conn, source: Iterator[Item], options: IngestOptions, window: int = 10_000,
+               stop: threading.Event | None = None) -> Iterator[Item]:
+    """The items of ``source`` that need work, in order, looked up in the gallery at ``conn`` CHUNK rows at
+    a time; after each chunk that skipped rows, a marker ``Item(skipped=n)``. Skipped: rows the gallery
+    knows and need not retry (:func:`_skip`), and a URL repeated within the last ``window`` items handed on
+    (its first copy may still be in the pipeline; anything older has been committed and known() finds it)."""
+    recent: set[str] = set()
+    order: deque[str] = deque()
+    it = iter(source)
+    while stop is None or not stop.is_set():
+        chunk = [x for _, x in zip(range(CHUNK), it)]
+        if not chunk:
+            return
+        known = store.known(conn, [x.url_hash for x in chunk])
+        skipped = 0
+        for x in chunk:
+            if x.url_hash in recent or _skip(known.get(x.url_hash), options, x.mtime):
+                skipped += 1
+                continue
+            recent.add(x.url_hash)
+            order.append(x.url_hash)
+            if len(order) > window:
+                recent.discard(order.popleft())
+            yield x
+        if skipped:
+            yield Item(url="", url_hash="", skipped=skipped)
+
+
 # ---------------------------------------------------------------- producer
 
 
@@ -254,18 +282,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
     conn = store.connect(db_path, apply_migrations=False)
     db_dir = Path(db_path).resolve().parent
     route = encoder.settings.preprocess
-    # Hashes handed on recently: a URL repeated in the source while its first copy is still in the
-    # pipeline is skipped. Bounded: anything older than the window has been committed, and known()
-    # finds it in the gallery.
     window = max(10_000, 8 * encoder.settings.batch_size + 4 * options.workers + options.queue_size + 2 * CHUNK)
-    recent: set[str] = set()
-    order: deque[str] = deque()
-
-    def remember(h: str):
-        recent.add(h)
-        order.append(h)
-        if len(order) > window:
-            recent.discard(order.popleft())
 
     def holder_of(sha: str) -> int | None:
         return store.find_by_content(conn, sha)
@@ -280,26 +297,13 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def todo() -> Iterator[tuple[Item, str]]:
         """Source items that need work, as (item, url) pairs for the fetcher; skips and failures are put."""
-        it = iter(source)
-        while not stop.is_set():
-            chunk = [x for _, x in zip(range(CHUNK), it)]
-            if not chunk:
-                return
-            known = store.known(conn, [x.url_hash for x in chunk])
-            skipped = 0
-            for x in chunk:
-                if x.url_hash in recent or _skip(known.get(x.url_hash), options, x.mtime):
-                    skipped += 1
-                    continue
-                remember(x.url_hash)
-                if x.error is not None:  # a bad CSV row: recorded as failed, nothing to fetch
-                    put(x)
-                elif x.local:
-                    put(read_local(x))
-                else:
-                    yield x, x.url
-            if skipped:
-                put(Item(url="", url_hash="", skipped=skipped))
+        for x in needs_work(conn, source, options, window, stop):
+            if x.skipped or x.error is not None:  # a skip count, or a bad CSV row: recorded as failed
+                put(x)
+            elif x.local:
+                put(read_local(x))
+            else:
+                yield x, x.url
 
     def read_local(item: Item) -> Item:
         try:
