@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import types
 from dataclasses import dataclass
@@ -46,14 +47,18 @@ FETCH_CPUS = 0.125  # a download/decode task mostly waits on the network; it res
 MERGE_EVERY_S = 2.0  # the driver merges the shards received at most this often (and at the end)
 
 
-def require_ray():
-    try:
-        import pyarrow  # noqa: F401
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise ConfigError(RAY_HINT) from None
-    return ray
+def require_ray() -> None:
+    """ConfigError saying how to install Ray when it (or pyarrow) is missing. Does not import Ray: some of
+    its settings are read from the environment when it is first imported (see :func:`start`)."""
+    import importlib.util
+
+    for name in ("ray", "pyarrow"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken installation, or a module blocked with sys.modules[name] = None
+            found = False
+        if not found:
+            raise ConfigError(RAY_HINT)
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,21 @@ def start(address: str | None = None, **init_kwargs):
     """Connect to the cluster at ``address``, or start a local Ray instance (no dashboard), unless this
     process is connected already. On a cluster our package travels with the job (``runtime_env.py_modules``),
     so every node runs the driver's code. Returns the ``ray`` module."""
-    ray = require_ray()
+    require_ray()
+    if address is None and "ray" not in sys.modules:
+        # a one-machine instance listens on 127.0.0.1 only (Ray otherwise binds the machine's address); Ray
+        # reads this when it is first imported
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"{RAY_HINT} ({exc})") from None
     if ray.is_initialized():
         return ray
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:  # workers on this machine import our package from the driver's sys.path
-        kwargs["include_dashboard"] = False
+        kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
     else:
         kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
     kwargs.update(init_kwargs)
@@ -201,14 +214,17 @@ class _Encode:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         threads = max(1, math.ceil(cpus - 1e-9))
-        # the forward pass splits its work over M.THREADS threads (BLAS single-threaded meanwhile); size it and
-        # BLAS outside the forward pass to what Ray gave this actor (a fresh process: no pool made yet)
+        # The forward pass splits its work over M.THREADS threads of its own and runs BLAS on one thread
+        # meanwhile (model.py): our threads get the CPUs Ray gave this actor, BLAS one thread (Ray sets
+        # OMP_NUM_THREADS for fractional CPUs to 1; kept so). A BLAS left at more threads rounds its calls
+        # differently when they come from a thread other than the main one, as Ray Data's calls do: the
+        # vectors would then not be bit for bit those of a local ingest.
         M.THREADS = threads
         try:
             from threadpoolctl import threadpool_limits
 
-            self._blas = threadpool_limits(limits=threads, user_api="blas")
-        except Exception:  # threadpoolctl missing: BLAS keeps its own setting (OMP_NUM_THREADS set by Ray)
+            self._blas = threadpool_limits(limits=1, user_api="blas")
+        except Exception:  # threadpoolctl missing: BLAS keeps Ray's OMP_NUM_THREADS
             self._blas = None
         params, cfg = ray.get(weights[0]) if isinstance(weights, list) else weights
         from .encoder import PRECISIONS
