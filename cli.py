@@ -300,7 +300,7 @@ def ingest(
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; needs the [ray] extra, --csv only)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: the cluster's address (HOST:PORT, auto, ray://...). Default: start a local Ray instance."),
     shards: Optional[Path] = typer.Option(None, "--shards", help="--engine ray: where the Parquet shards go. Default: <db name>_shards beside the database."),
-    block_rows: int = typer.Option(128, "--block-rows", help="--engine ray: CSV rows per block (and per shard)."),
+    block_rows: int = typer.Option(64, "--block-rows", help="--engine ray: CSV rows per block (and per shard)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: encoder actors. Default: one per node."),
     actor_cpus: Optional[float] = typer.Option(None, "--actor-cpus", help="--engine ray: CPUs per encoder actor (its thread count). Default: a node's CPUs less the download tasks' share."),
 ):

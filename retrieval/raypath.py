@@ -65,7 +65,7 @@ def require_ray() -> None:
 class RayOptions:
     address: str | None = None  # a running cluster ("auto", "HOST:PORT", "ray://..."); None: start one here
     shards_dir: Path | None = None  # default: <db stem>_shards beside the database
-    block_rows: int = 128  # rows per block, and so per shard
+    block_rows: int = 64  # rows per block, and so per shard
     round_rows: int = 100_000  # rows of the CSV shipped per Ray Data execution (the driver holds one round)
     actors: int | None = None  # encoder actors; default: as many as fit (one per node with the default CPUs)
     actor_cpus: float | None = None  # CPUs reserved per actor; default: a whole node less the fetch tasks' share

@@ -32,6 +32,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -115,7 +116,9 @@ def write_shard(directory, name: str, table) -> Path:
     dest = directory / (name + SUFFIX)
     tmp = directory / f".{name}.{os.getpid()}.tmp"
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        # vectors barely compress (and cost time to decompress at merge): only the text columns are zstd
+        codecs = {name: ("none" if name == "vector" else "zstd") for name in table.column_names}
+        pq.write_table(table, tmp, compression=codecs)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -167,7 +170,10 @@ def read_shard(path):
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: shard lacks the columns {', '.join(missing)}")
-    return info, table.sort_by("seq")
+    seq = table.column("seq").to_numpy()
+    if seq.size > 1 and not np.all(seq[1:] >= seq[:-1]):  # shards written by raypath are in order already
+        table = table.sort_by("seq")
+    return info, table
 
 
 # ---------------------------------------------------------------- merge
@@ -229,10 +235,12 @@ def _holders(conn, shas) -> dict:
 
 
 def _check_vectors(path, vecs: np.ndarray, ok: np.ndarray) -> None:
-    v = vecs[ok].astype(np.float64)
-    if not np.all(np.isfinite(v)):
+    """The store's checks (store._check_vector) for a whole shard at once: finite, L2 norm 1 within
+    NORM_TOLERANCE (float32 sums are exact enough for that tolerance)."""
+    v = vecs[ok]
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v))  # (n,); NaN or inf for a non-finite vector
+    if not np.all(np.isfinite(norms)):
         raise InputError(f"{path}: a vector with non-finite values")
-    norms = np.linalg.norm(v, axis=1)
     if norms.size and np.max(np.abs(norms - 1.0)) > store.NORM_TOLERANCE:
         raise InputError(f"{path}: a vector that is not L2-normalised (norm {norms[np.argmax(np.abs(norms - 1))]:.6f})")
 
@@ -243,8 +251,7 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
     n = len(cols["url"])
     dim = int(info["model"]["dim"])
     vec_col = table.column("vector").combine_chunks()
-    vecs = vec_col.values.to_numpy(zero_copy_only=False).astype("<f4", copy=False).reshape(n, dim) if n else \
-        np.empty((0, dim), "<f4")
+    vecs = vec_col.values.to_numpy(zero_copy_only=False).reshape(n, dim) if n else np.empty((0, dim), np.float32)
     status = cols["status"]
     ok = np.array([s == "ok" for s in status], dtype=bool)
     if n and (vec_col.is_null().to_numpy(zero_copy_only=False) & ok).any():
@@ -363,25 +370,36 @@ def merge(conn, source, *, transaction_rows: int = TRANSACTION_ROWS,
         if progress:
             progress(summary)
 
+    def load(path):
+        info = read_info(path)
+        if info["shard_id"] in done:
+            return info, None
+        return info, read_shard(path)[1]
+
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size = {-MERGE_CACHE_KIB}")
+    # the next shard is read (Parquet decoding releases the GIL) while SQLite inserts this one
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
     try:
-        for path in files:
-            info = read_info(path)
-            if info["shard_id"] in done or any(info["shard_id"] == i["shard_id"] for _, i, _ in pending):
+        files = list(files)
+        ahead = reader.submit(load, files[0]) if files else None
+        for k, path in enumerate(files):
+            info, table = ahead.result()
+            ahead = reader.submit(load, files[k + 1]) if k + 1 < len(files) else None
+            if table is None or info["shard_id"] in done or any(info["shard_id"] == i["shard_id"] for _, i, _ in pending):
                 summary.already += 1
                 continue
             key = json.dumps(info["model"], sort_keys=True)
             if key not in models:
                 store.ensure_model(conn, info["model"])
                 models.add(key)
-            _, table = read_shard(path)
             pending.append((path, info, table))
             pending_rows += table.num_rows
             if pending_rows >= transaction_rows:
                 flush()
         flush()
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)
         conn.execute(f"PRAGMA cache_size = {int(cache)}")
     summary.seconds = time.monotonic() - started
     return summary
