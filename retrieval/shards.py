@@ -47,6 +47,7 @@ META_KEY = b"dinov2_retrieval.shard"
 SUFFIX = ".parquet"
 INSTALL_HINT = "pip install -e '.[ray]'"
 TRANSACTION_ROWS = 50_000  # rows merged per transaction (several shards go in one)
+CHECKPOINT_ROWS = 250_000  # the WAL is copied into the database every so many merged rows (~1 GB for base)
 MERGE_CACHE_KIB = 256 * 1024  # page cache while merging: vec0 rewrites its chunk blobs, which must stay cached
 
 STRING_COLUMNS = ("url", "url_hash", "status", "error", "content_sha256", "format", "path", "meta")
@@ -228,17 +229,17 @@ def _holders(conn, shas) -> dict:
     found = {}
     for start in range(0, len(shas), 500):
         chunk = shas[start:start + 500]
-        rows = conn.execute(f"SELECT content_sha256, id FROM images WHERE status = 'ok' AND content_sha256 IN "
+        # no condition on status in SQL: with one, SQLite may walk the status index over every ok row
+        rows = conn.execute(f"SELECT content_sha256, id, status FROM images WHERE content_sha256 IN "
                             f"({', '.join('?' * len(chunk))})", chunk)
-        found.update((r[0], int(r[1])) for r in rows)
+        found.update((r[0], int(r[1])) for r in rows if r[2] == "ok")
     return found
 
 
 def _check_vectors(path, vecs: np.ndarray, ok: np.ndarray) -> None:
     """The store's checks (store._check_vector) for a whole shard at once: finite, L2 norm 1 within
     NORM_TOLERANCE (float32 sums are exact enough for that tolerance)."""
-    v = vecs[ok]
-    norms = np.sqrt(np.einsum("ij,ij->i", v, v))  # (n,); NaN or inf for a non-finite vector
+    norms = np.sqrt(np.einsum("ij,ij->i", vecs, vecs))[ok]  # (n_ok,); NaN or inf for a non-finite vector
     if not np.all(np.isfinite(norms)):
         raise InputError(f"{path}: a vector with non-finite values")
     if norms.size and np.max(np.abs(norms - 1.0)) > store.NORM_TOLERANCE:
@@ -363,6 +364,8 @@ def merge(conn, source, *, transaction_rows: int = TRANSACTION_ROWS,
                 _merge_table(conn, path, info, table, part)
                 part.shards += 1
         summary.add(part)
+        if summary.rows // CHECKPOINT_ROWS != (summary.rows - part.rows) // CHECKPOINT_ROWS:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         done.update(info["shard_id"] for _, info, _ in pending)
         pending.clear()
         pending_rows = 0
@@ -378,6 +381,11 @@ def merge(conn, source, *, transaction_rows: int = TRANSACTION_ROWS,
 
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size = {-MERGE_CACHE_KIB}")
+    # no checkpoint after every transaction (pages that every transaction rewrites, such as vec0's chunks,
+    # would be copied into the database each time): one every CHECKPOINT_ROWS rows (the WAL stays bounded)
+    # and one at the end
+    autockpt = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
     # the next shard is read (Parquet decoding releases the GIL) while SQLite inserts this one
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
     try:
@@ -400,6 +408,8 @@ def merge(conn, source, *, transaction_rows: int = TRANSACTION_ROWS,
         flush()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(autockpt)}")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         conn.execute(f"PRAGMA cache_size = {int(cache)}")
     summary.seconds = time.monotonic() - started
     return summary
