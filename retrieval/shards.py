@@ -219,6 +219,21 @@ _INSERT = ("INSERT INTO images (id, url, url_hash, status, error, attempts, http
 _INSERT_VECTOR = "INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)"
 
 
+def _insert_vectors(conn, rows: list) -> None:
+    """``(image_id, float32 bytes)`` pairs into ``image_embeddings``: the one place the merge writes vectors.
+    Where a search index module exists (retrieval/index.py, the search-index work: a vector must go into its
+    list), each vector goes in through its ``insert``; else one executemany."""
+    try:
+        from . import index
+    except ImportError:
+        index = None
+    if index is not None and hasattr(index, "insert"):
+        for image_id, blob in rows:
+            index.insert(conn, image_id, blob)
+    else:
+        conn.executemany(_INSERT_VECTOR, rows)
+
+
 def _tag(error: str) -> str:
     return error.split(":", 1)[0].strip()
 
@@ -320,7 +335,7 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
         next_id += 1
     # ok rows first: duplicates refer to them (foreign key)
     conn.executemany(_INSERT, ok_rows)
-    conn.executemany(_INSERT_VECTOR, vec_rows)
+    _insert_vectors(conn, vec_rows)
     conn.executemany(_INSERT, dup_rows)
     conn.executemany(_INSERT, failed_rows)
     conn.execute("INSERT INTO merged_shards (shard_id, name, rows, merged_at) VALUES (?, ?, ?, ?)",
