@@ -15,9 +15,10 @@ The driver (this process, beside the gallery) does what needs the gallery; the c
 4. write each block that comes back as a Parquet shard (``shards.write_shard``) and merge the shards into
    the gallery every few seconds in large transactions (``shards.merge``).
 
-A killed actor is restarted by Ray and its block retried (``max_restarts``, ``max_task_retries``); a killed
-fetch task is retried (``max_retries``). A killed driver leaves the shards it wrote; the next run merges
-them first and then does only what is still missing.
+A killed actor is restarted by Ray and its block retried (Ray Data's actors: ``max_restarts=-1``,
+``max_task_retries=-1``); a fetch task whose worker dies is retried (Ray's ``max_retries``, 3 by default). A
+killed driver leaves the shards it wrote; the next run merges them first and then does only what is still
+missing.
 """
 
 from __future__ import annotations
