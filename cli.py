@@ -344,6 +344,12 @@ def ingest(
     progress_every: float = typer.Option(10.0, "--progress-every", help="When stderr is not a terminal: a plain progress line every this many seconds (0: none)."),
     prune: bool = typer.Option(False, "--prune", help="With --dir: remove the rows of files that are gone from the folder (their vectors, duplicates, thumbnails and stored copies follow)."),
     copy_originals: bool = typer.Option(False, "--copy-originals", help="Local files: also store a copy in the gallery's images folder (by default the file itself is the original, recorded relative to the gallery's folder when inside it)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; needs the [ray] extra, --csv only)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: the cluster's address (HOST:PORT, auto, ray://...). Default: start a local Ray instance."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="--engine ray: where the Parquet shards go. Default: <db name>_shards beside the database."),
+    block_rows: int = typer.Option(64, "--block-rows", help="--engine ray: CSV rows per block (and per shard)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: encoder actors. Default: one per node."),
+    actor_cpus: Optional[float] = typer.Option(None, "--actor-cpus", help="--engine ray: CPUs per encoder actor (its thread count). Default: a node's CPUs less the download tasks' share."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -360,6 +366,16 @@ def ingest(
         raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
     if prune and folder is None:
         raise ConfigError("--prune works with --dir FOLDER (it removes the rows of files gone from it)")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: expected local or ray")
+    if engine == "ray":
+        from retrieval import raypath
+
+        if folder is not None:
+            raise ConfigError("--engine ray ingests a --csv (use --engine local for --dir)")
+        raypath.require_ray()  # before the database is opened: without Ray, one line saying how to install it
+        ray_options = raypath.RayOptions(address=ray_address, shards_dir=shards, block_rows=block_rows,
+                                         actors=actors, actor_cpus=actor_cpus)
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
@@ -414,6 +430,8 @@ def ingest(
             raise ModelMismatchError(f"{db_path} was built with weights sha256 {store._short(recorded['weights_sha256'])} "
                                      f"({recorded['variant']}), not {store._short(sha)} ({weights_path})")
         encoder = LazyEncoder(weights_path, settings, sha)  # loaded only if something needs encoding
+    elif engine == "ray":
+        encoder = None  # the actors load the weights
     else:
         encoder = load_encoder(weights_path, settings)
         encoder._sha256 = sha
@@ -425,7 +443,10 @@ def ingest(
         raise
     progress = _Progress(not quiet, progress_every)
     try:
-        if csv is not None:
+        if engine == "ray":
+            summary = raypath.ingest_csv(conn, db_path, csv, weights_path, settings, options, ray_options,
+                                         progress=progress, url_column=url_column)
+        elif csv is not None:
             summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress, url_column=url_column)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
@@ -453,6 +474,46 @@ def ingest(
         typer.echo(_summary_line(summary, db_path))
         if note:
             typer.echo(note)
+
+
+@app.command()
+def merge(
+    source: Path = typer.Argument(..., help="A folder of Parquet shards (cli.py ingest --engine ray --shards DIR), or one shard file."),
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the merge's summary as JSON on stdout."),
+):
+    """Merge Parquet shards made elsewhere into the gallery (the same deduplication as an ingest); shards already merged are passed over."""
+    import json
+
+    from retrieval import shards as S
+    from retrieval import store
+    from retrieval.errors import DatabaseError, InputError
+
+    S.pyarrow()  # without pyarrow: one line saying how to install it, before the database is opened
+    if not source.exists():
+        raise InputError(f"{source}: no such shard directory or file")
+    db_path, conn = _open_db(db)
+    run_id = store.start_run(conn, str(source))
+    status = "crashed"
+    m = S.MergeSummary()
+    try:
+        m = S.merge(conn, source)
+        status = "completed"
+    except store.SQLITE_ERRORS as exc:
+        raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.finish_run(conn, run_id, {"new": m.new, "skipped": m.skipped, "failed": m.failed,
+                                        "duplicate": m.duplicate}, status)
+    if as_json:
+        typer.echo(json.dumps({**m.as_dict(), "db": str(db_path), "run_id": run_id}, indent=2))
+    else:
+        line = (f"merged {m.shards} shards ({m.already} already merged): {m.rows} rows, {m.new} new, "
+                f"{m.skipped} skipped, {m.failed} failed, {m.duplicate} duplicate in {m.seconds:.1f} s "
+                f"({m.rows_per_s:.0f} rows/s) -> {db_path}")
+        typer.echo(line)
 
 
 @app.command()
