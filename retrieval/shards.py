@@ -285,7 +285,7 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
     now = store._now()
 
     def params(i: int) -> dict:
-        return {k: cols[k][i] for k in store.ROW_FIELDS}
+        return {k: cols[k][i] for k in store.ROW_FIELDS if k in cols}  # no "id": the gallery gives it
 
     # URLs the gallery holds as failed: through the store's own per-row rules (attempts, ok kept ok, ...)
     seen: set[str] = set()
