@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from . import store
-from .encoder import EncoderSettings, encode_images, l2_normalise, load_encoder
 from .errors import DatabaseError, InputError, ModelMismatchError
+
+# the encoder (model, weights, preprocessing) is imported by the functions that encode: a query by id
+# does not pay for it
 
 
 def gallery_model(conn) -> dict:
@@ -24,6 +26,8 @@ def gallery_model(conn) -> dict:
 
 def gallery_encoder(conn, weights_path):
     """Load the weights at ``weights_path`` with the gallery's settings; refuse other weights."""
+    from .encoder import EncoderSettings, load_encoder
+
     model = gallery_model(conn)
     settings = EncoderSettings(preprocess=model["preprocess"], interpolation=model["interpolation"],
                                pooling=model["pooling"], batch_size=1)
@@ -35,13 +39,15 @@ def gallery_encoder(conn, weights_path):
     return encoder
 
 
-def by_image(conn, encoder, image, k: int) -> list[dict]:
+def by_image(conn, encoder, image, k: int, exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """Nearest gallery images to a decoded image."""
+    from .encoder import encode_images, l2_normalise
+
     vector = l2_normalise(encode_images(encoder, [image]))[0]  # (D,)
-    return store.search(conn, vector, k)
+    return store.search(conn, vector, k, exact=exact, nprobe=nprobe)
 
 
-def by_id(conn, image_id: int, k: int) -> list[dict]:
+def by_id(conn, image_id: int, k: int, exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """Nearest gallery images to a stored image (a duplicate row uses the vector it points at)."""
     row = store.get_image(conn, image_id)
     if row is None:
@@ -50,7 +56,7 @@ def by_id(conn, image_id: int, k: int) -> list[dict]:
     vector = store.get_vector(conn, target)
     if vector is None:
         raise InputError(f"--id {image_id}: image {row['url']} has no vector (status {row['status']}: {row['error']})")
-    return store.search(conn, vector, k)
+    return store.search(conn, vector, k, exact=exact, nprobe=nprobe)
 
 
 def display_path(path: str | None, db_path) -> str | None:
