@@ -197,14 +197,19 @@ def run_cli(args, env, repeat=3) -> tuple[float, str]:
 
 
 def bench_size(n: int, work: Path, data: Clustered, weights: Path, record: dict, image: Path, log,
-               keep: Path | None) -> dict:
+               keep: Path | None, reuse: dict | None = None) -> dict:
+    """``reuse``: the row of an earlier run whose gallery was kept at ``keep``: its build and index figures
+    are reported again and only the searches and commands are measured anew."""
     path = keep if keep is not None else work / f"g{n}.db"
-    for f in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
-        f.unlink(missing_ok=True)
     row = {"n": n}
-    log(f"N={n}: building the gallery through store.commit_batch")
-    row.update(build_gallery(path, data, n, record, log))
     env = dict(os.environ, DINOV2_ALLOW_PRIVATE="1")
+    if reuse:
+        row.update({k: v for k, v in reuse.items() if k in ("build_s", "rows_per_s", "file_mb", "index_s")})
+    else:
+        for f in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+            f.unlink(missing_ok=True)
+        log(f"N={n}: building the gallery through store.commit_batch")
+        row.update(build_gallery(path, data, n, record, log))
     queries = data.queries(50)
     log(f"N={n}: exact ground truth (NumPy, float64)")
     truth = ground_truth(data, n, queries, 100)
@@ -216,13 +221,15 @@ def bench_size(n: int, work: Path, data: Clustered, weights: Path, record: dict,
     row["exact_recall10"] = recall(a_ex, truth[:n_exact], 10)
     conn.close()
 
-    log(f"N={n}: python cli.py index")
-    t = time.perf_counter()
-    res = subprocess.run([sys.executable, str(ROOT / "cli.py"), "index", "--db", str(path), "--force"], env=env,
-                         cwd=ROOT, capture_output=True, text=True)
-    row["index_s"] = time.perf_counter() - t
-    if res.returncode != 0:
-        raise RuntimeError(res.stdout + res.stderr)
+    if not reuse:
+        log(f"N={n}: python cli.py index")
+        t = time.perf_counter()
+        res = subprocess.run([sys.executable, str(ROOT / "cli.py"), "index", "--db", str(path), "--force"], env=env,
+                             cwd=ROOT, capture_output=True, text=True)
+        row["index_s"] = time.perf_counter() - t
+        if res.returncode != 0:
+            raise RuntimeError(res.stdout + res.stderr)
+        log(f"N={n}: index built in {row['index_s']:.1f} s: {res.stdout.strip()}")
     row["file_mb_indexed"] = path.stat().st_size / 1e6
 
     conn = store.connect(path)
@@ -288,6 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, help="keep the largest gallery at this path")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     ap.add_argument("--centres", type=int, default=1000)
+    ap.add_argument("--reuse", type=Path, help="bench_search.json of the run that kept --keep: measure its gallery "
+                    "again without rebuilding it")
     args = ap.parse_args(argv)
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     SIZES_RUN[:] = sizes
@@ -303,9 +312,12 @@ def main(argv=None) -> int:
     image = make_image(work)
     data = Clustered(args.centres)
     rows = []
+    earlier = {r["n"]: r for r in json.loads(args.reuse.read_text())} if args.reuse else {}
     for n in sizes:
-        rows.append(bench_size(n, work, data, weights, record, image, log,
-                               args.keep if (args.keep and n == max(sizes)) else None))
+        keep = args.keep if (args.keep and n == max(sizes)) else None
+        rows.append(bench_size(n, work, data, weights, record, image, log, keep,
+                               earlier.get(n) if keep is not None else None))
+        (work / "bench_search.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
     raw = rows[0]
     if "insert_current_per_s" in raw:

@@ -42,10 +42,11 @@ STATE = "search_index"
 CHUNK_SIZE = 128
 EXACT_BELOW = 50_000  # `python cli.py index` builds an index from this many vectors on (exact search is fast below)
 KNN_MAX_K = 4096  # sqlite-vec's limit on k in a vec0 KNN query
-DEFAULT_NPROBE = 12  # lists probed for k <= 10; more for larger k (nprobe_for)
+DEFAULT_NPROBE = 8  # lists probed for k <= 10; more for larger k (nprobe_for)
 MIN_SAMPLE_PER_LIST = 64  # k-means trains on up to this many vectors per list ...
-MAX_SAMPLE = 131_072  # ... and at most this many
-KMEANS_ITERS = 12
+MAX_SAMPLE = 65_536  # ... and at most this many
+KMEANS_ITERS = 10
+FULL_CHECK_MAX = 200_000  # doctor: above this many vectors, the nearest-centroid check reads a sample of chunks
 REBUILD_GROWTH = 2.0  # rebuild advised when the gallery is this many times larger (or smaller) than trained on
 ASSIGN_TOLERANCE = 1e-5  # doctor: a vector whose own list is within this cosine of the best is in the right list
 _PARTITION = re.compile(r"\blist\s+integer\s+partition\s+key\b", re.I)
@@ -217,12 +218,13 @@ def advice(st: dict | None, n: int) -> str | None:
 # ---------------------------------------------------------------- reading every vector
 
 
-def iter_vectors(conn, batch: int = 16384, table: str = TABLE):
+def iter_vectors(conn, batch: int = 16384, table: str = TABLE, every: int = 1):
     """Every stored vector, in batches: ``(ids int64 (n,), lists int64 (n,) or None, vectors float32 (n, D))``.
 
     Reads vec0's shadow tables chunk by chunk (one blob per chunk instead of one lookup per row: the old
     1,024-vector chunk layout takes ~0.2 ms per row-wise read). The validity bitmap says which slots hold
-    a row. Falls back to ``SELECT`` when the shadow tables are not the ones sqlite-vec 0.1.9 writes.
+    a row. ``every`` > 1 reads one chunk in ``every`` (a sample). Falls back to ``SELECT`` when the shadow
+    tables are not the ones sqlite-vec 0.1.9 writes.
     """
     chunks_sql = _table_sql(conn, f"{table}_chunks") or ""
     vec_sql = _table_sql(conn, f"{table}_vector_chunks00")
@@ -235,7 +237,7 @@ def iter_vectors(conn, batch: int = 16384, table: str = TABLE):
     cols = "c.chunk_id, c.size, c.validity, c.rowids, v.vectors" + (", c.partition00" if has_partition else "")
     ids_buf, lists_buf, vec_buf, held = [], [], [], 0
     for row in conn.execute(f"SELECT {cols} FROM {table}_chunks AS c JOIN {table}_vector_chunks00 AS v "
-                            "ON v.rowid = c.chunk_id ORDER BY c.chunk_id"):
+                            f"ON v.rowid = c.chunk_id WHERE c.chunk_id % {int(every)} = 0 ORDER BY c.chunk_id"):
         size = int(row[1])
         valid = np.unpackbits(np.frombuffer(row[2], np.uint8), bitorder="little")[:size].astype(bool)
         if not valid.any():
@@ -603,11 +605,22 @@ def check(conn, limit: int = 5) -> dict:
         return {"status": "problem", "count": 1, "examples": [], "misplaced": [], "centroids": True,
                 "detail": f"the index records {st['nlist']} lists but index_centroids holds {n_cent} "
                           f"float[{_dim_of(conn, CENTROIDS)}] centroids"}
+    # every vector in a list that exists (cheap: the chunks' partition values, no vector read)
+    stray = []
+    for p, validity, rowids in conn.execute(f"SELECT partition00, validity, rowids FROM {TABLE}_chunks "
+                                            "WHERE partition00 IS NULL OR partition00 < 0 OR partition00 >= ?",
+                                            (st["nlist"],)):
+        bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little").astype(bool)
+        ids = np.frombuffer(rowids, "<i8")
+        stray.extend(ids[:len(bits)][bits[:len(ids)]].tolist())
+    # every vector in its nearest centroid's list: all of them, or a sample of chunks in a large gallery
+    n = count_vectors(conn)
+    every = 1 if n <= FULL_CHECK_MAX else max(1, round(n / FULL_CHECK_MAX))
     ct = np.ascontiguousarray(cent.T)
-    misplaced = []
-    n = 0
-    for ids, lists, vecs in iter_vectors(conn):
-        n += len(ids)
+    misplaced = set(stray)
+    checked = 0
+    for ids, lists, vecs in iter_vectors(conn, every=every):
+        checked += len(ids)
         for s in range(0, len(ids), 8192):
             sims = vecs[s:s + 8192] @ ct
             lst = lists[s:s + 8192]
@@ -616,9 +629,11 @@ def check(conn, limit: int = 5) -> dict:
             own = np.where(inside, sims[np.arange(len(lst)), np.clip(lst, 0, st["nlist"] - 1)], -np.inf)
             bad = ~(own >= best - ASSIGN_TOLERANCE)
             if bad.any():
-                misplaced.extend(ids[s:s + 8192][bad].tolist())
-    misplaced.sort()
-    detail = (f"{st['nlist']} lists trained on {st['trained_on']} vectors, {n} now, probing {st['nprobe']}")
+                misplaced.update(ids[s:s + 8192][bad].tolist())
+    misplaced = sorted(misplaced)
+    scope = "every vector" if every == 1 else f"{checked} vectors (one chunk in {every}; every vector's list exists)"
+    detail = (f"{st['nlist']} lists trained on {st['trained_on']} vectors, {n} now, probing {st['nprobe']}; "
+              f"checked {scope}")
     adv = advice(st, n)
     if misplaced:
         return {"status": "problem", "count": len(misplaced), "examples": misplaced[:limit], "misplaced": misplaced,
