@@ -26,7 +26,8 @@ def gallery_model(conn) -> dict:
 
 def gallery_encoder(conn, weights_path):
     """Load the weights at ``weights_path`` with the gallery's settings; refuse other weights."""
-    from .encoder import EncoderSettings, load_encoder
+    from .encoder import EncoderSettings
+    from .prepared import load_encoder  # the folded weights and their sha256, cached on disk
 
     model = gallery_model(conn)
     settings = EncoderSettings(preprocess=model["preprocess"], interpolation=model["interpolation"],
