@@ -142,6 +142,9 @@ def test_more_than_4096_results_with_an_index(indexed):
     exact = np.sort(vectors.astype(np.float64) @ q)[::-1]
     assert [r["score"] for r in got] == pytest.approx(exact[:len(got)], abs=1e-5)
     assert [r["id"] for r in got[:100]] == exact_ids(vectors, np.arange(1, len(vectors) + 1), q, 100)
+    sql, _ = index.search_sql(conn, 4500, exact=True)
+    assert sql == index.EXACT_ALL_LISTS_SQL  # every list's best 4096: exact while no list is larger
+    assert [r["id"] for r in store.search(conn, q, 4500, exact=True)] == [r["id"] for r in got]
 
 
 # ---------------------------------------------------------------- the index follows the gallery
