@@ -382,13 +382,14 @@ def query(
     else:
         # imported here: a query by id needs no encoder, decoder or HTTP client
         from retrieval.decode import decode, open_path
-        from retrieval.fetch import Fetcher
         from retrieval.hub import resolve_weights
 
         model = Q.gallery_model(conn)
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
+            from retrieval.fetch import Fetcher
+
             with Fetcher() as fetcher:
                 res = fetcher.fetch(url)
             if not res.ok:
