@@ -426,6 +426,8 @@ def diagnose(conn, path) -> tuple[list, dict]:
     """Run every check; returns (checks, context). A check that raises (e.g. on a corrupt file) is a problem."""
     ctx = {"path": Path(path), "corrupt": False, "newer": False, "versions": {}}
     checks = []
+    # read the file memory-mapped: the checks read every page (half the CPU of read() calls at 1M vectors)
+    conn.execute(f"PRAGMA mmap_size = {search_index.MMAP_BYTES}").fetchall()
     conn.execute("BEGIN")  # one read snapshot for every check (WAL: an ingest may be committing meanwhile)
     try:
         ctx["tables"] = _tables(conn)
