@@ -525,6 +525,8 @@ def query(
     db: Optional[Path] = DbOpt,
     weights: Optional[str] = WeightsOpt,
     offline: bool = OfflineOpt,
+    exact: bool = typer.Option(False, "--exact", help="Exact search over every vector, even where an index is built."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Index lists to probe (default: the index's own, more for larger -k)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
     allow_private: bool = AllowPrivateOpt,
     where: Optional[List[str]] = typer.Option(None, "--where", help="Only images whose metadata (the CSV's other columns) matches KEY OP VALUE, OP one of = != < <= > >= ~ (LIKE); numeric when VALUE is a number; repeatable, all must hold. E.g. --where tag=cat --where year>=2020."),
@@ -537,10 +539,7 @@ def query(
     import json
 
     from retrieval import query as Q
-    from retrieval.decode import decode, open_path
     from retrieval.errors import ConfigError, InputError
-    from retrieval.fetch import FetchConfig, Fetcher
-    from retrieval.hub import resolve_weights
     from retrieval.safety import redact_url
 
     if sum(x is not None for x in (image, url, image_id)) != 1:
@@ -551,6 +550,9 @@ def query(
 
     if open_html and html is None:
         raise ConfigError("--open opens the contact sheet: give --html FILE too")
+    if nprobe is not None and nprobe < 1:
+        raise ConfigError(f"--nprobe {nprobe}: expected a positive number")
+    search = {"exact": True if exact else None, "nprobe": nprobe}
     conditions = [lifecycle.parse_where(w) for w in where or ()]
     db_path, conn = _open_db(db, readonly=True)
     filtered = bool(conditions) or min_score is not None
@@ -561,12 +563,18 @@ def query(
             vector = Q.vector_of(conn, image_id)
             results = lifecycle.search(conn, vector, k, where=conditions, min_score=min_score, exclude=exclude)
         else:
-            results = Q.by_id(conn, image_id, k)
+            results = Q.by_id(conn, image_id, k, **search)
     else:
+        # imported here: a query by id needs no encoder, decoder or HTTP client
+        from retrieval.decode import decode, open_path
+        from retrieval.hub import resolve_weights
+
         model = Q.gallery_model(conn)
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
+            from retrieval.fetch import FetchConfig, Fetcher
+
             with Fetcher(FetchConfig(allow_private=True if allow_private else None)) as fetcher:
                 res = fetcher.fetch(url)
             if not res.ok:
@@ -578,7 +586,7 @@ def query(
             results = lifecycle.search(conn, Q.vector_of_image(encoder, img), k, where=conditions,
                                        min_score=min_score)
         else:
-            results = Q.by_image(conn, encoder, img, k)
+            results = Q.by_image(conn, encoder, img, k, **search)
     local = {r["id"]: bool(r["path"]) and r["path"] == r["url"] for r in results}  # a local file: url is its key
     if html is not None:
         _contact_sheet(html, open_html, results, conn, db_path, img, image, url, image_id)
@@ -772,6 +780,14 @@ def stats(
     c = s["counts"]
     typer.echo(f"database   {db_path} ({s['file_bytes'] / 1e6:.1f} MB)")
     typer.echo(f"images     {c.get('total', 0)}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicate; {s['vectors']} vectors")
+    ix = s["index"]
+    if ix["state"] == "trained":
+        typer.echo(f"index      {ix['lists']} lists, probing {ix['nprobe']}; trained on {ix['trained_on']} vectors "
+                   f"({ix['trained_at']}), {ix['vectors']} now")
+    else:
+        typer.echo(f"index      none: exact search over {ix['vectors']} vectors")
+    if ix["advice"]:
+        typer.echo(f"           {ix['advice']}")
     m = s["model"]
     if m:
         typer.echo(f"model      {m['variant']}, dim {m['dim']}, {m['preprocess']}, interpolation {m['interpolation']}, pooling {m['pooling']}, weights sha256 {m['weights_sha256'][:12]}…")
@@ -834,6 +850,53 @@ def doctor(
         typer.echo(D.format_report(report))
     if not report.healthy:
         raise typer.Exit(1)
+
+
+@app.command("index")
+def build_index(
+    db: Optional[Path] = DbOpt,
+    lists: Optional[int] = typer.Option(None, "--lists", help="Number of lists (k-means centroids). Default: about sqrt(N)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Lists a top-10 query probes (default 12; more for larger -k)."),
+    force: bool = typer.Option(False, "--force", help="Build even below 50,000 vectors, where exact search is fast."),
+    drop: bool = typer.Option(False, "--drop", help="Remove the index: search becomes exact."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+):
+    """Build (or rebuild/retrain) the search index: k-means lists over the gallery's vectors, in the database."""
+    import time
+
+    from retrieval import index as X
+    from retrieval.errors import ConfigError
+
+    db_path, conn = _open_db(db, must_exist=True)
+    if drop:
+        X.drop(conn)
+        typer.echo(f"{db_path}: index removed; search is exact")
+        return
+    n = X.count_vectors(conn)
+    if n == 0:
+        raise ConfigError(f"{db_path}: the gallery holds no vectors yet: nothing to index")
+    if n < X.EXACT_BELOW and not force and lists is None:
+        typer.echo(f"{db_path}: {n} vectors: exact search is fast below {X.EXACT_BELOW:,}; no index built "
+                   "(--force builds one anyway)")
+        return
+    if lists is not None and lists < 1:
+        raise ConfigError(f"--lists {lists}: expected a positive number")
+    if nprobe is not None and nprobe < 1:
+        raise ConfigError(f"--nprobe {nprobe}: expected a positive number")
+    shown = {"on": (not quiet) and sys.stderr.isatty(), "any": False}
+
+    def progress(stage, done, total):
+        if shown["on"]:
+            sys.stderr.write(f"\r{stage}: {done}/{total}\033[K")
+            sys.stderr.flush()
+            shown["any"] = True
+
+    t = time.perf_counter()
+    st = X.build(conn, nlist=lists, nprobe=nprobe, progress=progress)
+    if shown["any"]:
+        sys.stderr.write("\n")
+    typer.echo(f"{db_path}: index of {st['nlist']} lists over {st['trained_on']} vectors (k-means on {st['sample']}), "
+               f"probing {st['nprobe']}; {time.perf_counter() - t:.1f} s")
 
 
 @app.command("vec-path")

@@ -220,22 +220,14 @@ def merged_ids(conn) -> set[str]:
 _INSERT = ("INSERT INTO images (id, url, url_hash, status, error, attempts, http_status, content_sha256, "
            "duplicate_of, width, height, format, bytes, path, mtime, meta, created_at, updated_at) "
            "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_VECTOR = "INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)"
 
 
 def _insert_vectors(conn, rows: list) -> None:
-    """``(image_id, float32 bytes)`` pairs into ``image_embeddings``: the one place the merge writes vectors.
-    Where a search index module exists (retrieval/index.py, the search-index work: a vector must go into its
-    list), each vector goes in through its ``insert``; else one executemany."""
-    try:
-        from . import index
-    except ImportError:
-        index = None
-    if index is not None and hasattr(index, "insert"):
-        for image_id, blob in rows:
-            index.insert(conn, image_id, blob)
-    else:
-        conn.executemany(_INSERT_VECTOR, rows)
+    """``(image_id, float32 bytes)`` pairs into ``image_embeddings``: the one place the merge writes vectors,
+    each into its search-index list (retrieval/index.py)."""
+    from . import index
+
+    index.insert_many(conn, rows)
 
 
 def _tag(error: str) -> str:
