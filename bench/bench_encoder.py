@@ -1,6 +1,7 @@
 """Encoder throughput: our NumPy forward pass against transformers' Dinov2Model on the same CPU.
 
-    .venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run (~9 min)
+    .venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run, with the eager column
+    .venv/bin/python bench/bench_encoder.py --no-eager # the same against the default (SDPA) only (~9 min, quiet machine)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_encoder.py   # where those are set
     .venv/bin/python bench/bench_encoder.py --quick    # base 224x224 b8 and b1 only, fewer runs (~1 min)
     .venv/bin/python bench/bench_encoder.py --settings base:224x224:8 --no-cli
