@@ -344,6 +344,12 @@ def ingest(
     progress_every: float = typer.Option(10.0, "--progress-every", help="When stderr is not a terminal: a plain progress line every this many seconds (0: none)."),
     prune: bool = typer.Option(False, "--prune", help="With --dir: remove the rows of files that are gone from the folder (their vectors, duplicates, thumbnails and stored copies follow)."),
     copy_originals: bool = typer.Option(False, "--copy-originals", help="Local files: also store a copy in the gallery's images folder (by default the file itself is the original, recorded relative to the gallery's folder when inside it)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; needs the [ray] extra, --csv only)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: the cluster's address (HOST:PORT, auto, ray://...). Default: start a local Ray instance."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="--engine ray: where the Parquet shards go. Default: <db name>_shards beside the database."),
+    block_rows: int = typer.Option(64, "--block-rows", help="--engine ray: CSV rows per block (and per shard)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: encoder actors. Default: one per node."),
+    actor_cpus: Optional[float] = typer.Option(None, "--actor-cpus", help="--engine ray: CPUs per encoder actor (its thread count). Default: a node's CPUs less the download tasks' share."),
 ):
     """Add images to the gallery; re-runs skip everything already known (no network request)."""
     import json
@@ -360,6 +366,16 @@ def ingest(
         raise ConfigError("give exactly one of --csv FILE or --dir FOLDER")
     if prune and folder is None:
         raise ConfigError("--prune works with --dir FOLDER (it removes the rows of files gone from it)")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: expected local or ray")
+    if engine == "ray":
+        from retrieval import raypath
+
+        if folder is not None:
+            raise ConfigError("--engine ray ingests a --csv (use --engine local for --dir)")
+        raypath.require_ray()  # before the database is opened: without Ray, one line saying how to install it
+        ray_options = raypath.RayOptions(address=ray_address, shards_dir=shards, block_rows=block_rows,
+                                         actors=actors, actor_cpus=actor_cpus)
     # check the source before the database is opened: a mistyped name must not create a gallery
     if csv is not None and not csv.is_file():
         raise InputError(f"{csv}: no such CSV file")
@@ -414,6 +430,8 @@ def ingest(
             raise ModelMismatchError(f"{db_path} was built with weights sha256 {store._short(recorded['weights_sha256'])} "
                                      f"({recorded['variant']}), not {store._short(sha)} ({weights_path})")
         encoder = LazyEncoder(weights_path, settings, sha)  # loaded only if something needs encoding
+    elif engine == "ray":
+        encoder = None  # the actors load the weights
     else:
         encoder = load_encoder(weights_path, settings)
         encoder._sha256 = sha
@@ -425,7 +443,10 @@ def ingest(
         raise
     progress = _Progress(not quiet, progress_every)
     try:
-        if csv is not None:
+        if engine == "ray":
+            summary = raypath.ingest_csv(conn, db_path, csv, weights_path, settings, options, ray_options,
+                                         progress=progress, url_column=url_column)
+        elif csv is not None:
             summary = I.ingest_csv(conn, db_path, csv, encoder, options, progress=progress, url_column=url_column)
         else:
             summary = I.ingest_dir(conn, db_path, folder, encoder, options, progress=progress)
@@ -456,6 +477,46 @@ def ingest(
 
 
 @app.command()
+def merge(
+    source: Path = typer.Argument(..., help="A folder of Parquet shards (cli.py ingest --engine ray --shards DIR), or one shard file."),
+    db: Optional[Path] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the merge's summary as JSON on stdout."),
+):
+    """Merge Parquet shards made elsewhere into the gallery (the same deduplication as an ingest); shards already merged are passed over."""
+    import json
+
+    from retrieval import shards as S
+    from retrieval import store
+    from retrieval.errors import DatabaseError, InputError
+
+    S.pyarrow()  # without pyarrow: one line saying how to install it, before the database is opened
+    if not source.exists():
+        raise InputError(f"{source}: no such shard directory or file")
+    db_path, conn = _open_db(db)
+    run_id = store.start_run(conn, str(source))
+    status = "crashed"
+    m = S.MergeSummary()
+    try:
+        m = S.merge(conn, source)
+        status = "completed"
+    except store.SQLITE_ERRORS as exc:
+        raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.finish_run(conn, run_id, {"new": m.new, "skipped": m.skipped, "failed": m.failed,
+                                        "duplicate": m.duplicate}, status)
+    if as_json:
+        typer.echo(json.dumps({**m.as_dict(), "db": str(db_path), "run_id": run_id}, indent=2))
+    else:
+        line = (f"merged {m.shards} shards ({m.already} already merged): {m.rows} rows, {m.new} new, "
+                f"{m.skipped} skipped, {m.failed} failed, {m.duplicate} duplicate in {m.seconds:.1f} s "
+                f"({m.rows_per_s:.0f} rows/s) -> {db_path}")
+        typer.echo(line)
+
+
+@app.command()
 def query(
     image: Optional[Path] = typer.Argument(None, help="Query image file."),
     url: Optional[str] = typer.Option(None, "--url", help="Query by an image URL instead."),
@@ -464,6 +525,8 @@ def query(
     db: Optional[Path] = DbOpt,
     weights: Optional[str] = WeightsOpt,
     offline: bool = OfflineOpt,
+    exact: bool = typer.Option(False, "--exact", help="Exact search over every vector, even where an index is built."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Index lists to probe (default: the index's own, more for larger -k)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {rank, id, url, path, score, ...}."),
     allow_private: bool = AllowPrivateOpt,
     where: Optional[List[str]] = typer.Option(None, "--where", help="Only images whose metadata (the CSV's other columns) matches KEY OP VALUE, OP one of = != < <= > >= ~ (LIKE); numeric when VALUE is a number; repeatable, all must hold. E.g. --where tag=cat --where year>=2020."),
@@ -476,10 +539,7 @@ def query(
     import json
 
     from retrieval import query as Q
-    from retrieval.decode import decode, open_path
     from retrieval.errors import ConfigError, InputError
-    from retrieval.fetch import FetchConfig, Fetcher
-    from retrieval.hub import resolve_weights
     from retrieval.safety import redact_url
 
     if sum(x is not None for x in (image, url, image_id)) != 1:
@@ -490,6 +550,9 @@ def query(
 
     if open_html and html is None:
         raise ConfigError("--open opens the contact sheet: give --html FILE too")
+    if nprobe is not None and nprobe < 1:
+        raise ConfigError(f"--nprobe {nprobe}: expected a positive number")
+    search = {"exact": True if exact else None, "nprobe": nprobe}
     conditions = [lifecycle.parse_where(w) for w in where or ()]
     db_path, conn = _open_db(db, readonly=True)
     filtered = bool(conditions) or min_score is not None
@@ -500,12 +563,18 @@ def query(
             vector = Q.vector_of(conn, image_id)
             results = lifecycle.search(conn, vector, k, where=conditions, min_score=min_score, exclude=exclude)
         else:
-            results = Q.by_id(conn, image_id, k)
+            results = Q.by_id(conn, image_id, k, **search)
     else:
+        # imported here: a query by id needs no encoder, decoder or HTTP client
+        from retrieval.decode import decode, open_path
+        from retrieval.hub import resolve_weights
+
         model = Q.gallery_model(conn)
         encoder = Q.gallery_encoder(conn, resolve_weights(weights, variant=model["variant"],
                                                           allow_download=not offline))
         if url is not None:
+            from retrieval.fetch import FetchConfig, Fetcher
+
             with Fetcher(FetchConfig(allow_private=True if allow_private else None)) as fetcher:
                 res = fetcher.fetch(url)
             if not res.ok:
@@ -517,7 +586,7 @@ def query(
             results = lifecycle.search(conn, Q.vector_of_image(encoder, img), k, where=conditions,
                                        min_score=min_score)
         else:
-            results = Q.by_image(conn, encoder, img, k)
+            results = Q.by_image(conn, encoder, img, k, **search)
     local = {r["id"]: bool(r["path"]) and r["path"] == r["url"] for r in results}  # a local file: url is its key
     if html is not None:
         _contact_sheet(html, open_html, results, conn, db_path, img, image, url, image_id)
@@ -711,6 +780,14 @@ def stats(
     c = s["counts"]
     typer.echo(f"database   {db_path} ({s['file_bytes'] / 1e6:.1f} MB)")
     typer.echo(f"images     {c.get('total', 0)}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicate; {s['vectors']} vectors")
+    ix = s["index"]
+    if ix["state"] == "trained":
+        typer.echo(f"index      {ix['lists']} lists, probing {ix['nprobe']}; trained on {ix['trained_on']} vectors "
+                   f"({ix['trained_at']}), {ix['vectors']} now")
+    else:
+        typer.echo(f"index      none: exact search over {ix['vectors']} vectors")
+    if ix["advice"]:
+        typer.echo(f"           {ix['advice']}")
     m = s["model"]
     if m:
         typer.echo(f"model      {m['variant']}, dim {m['dim']}, {m['preprocess']}, interpolation {m['interpolation']}, pooling {m['pooling']}, weights sha256 {m['weights_sha256'][:12]}…")
@@ -773,6 +850,53 @@ def doctor(
         typer.echo(D.format_report(report))
     if not report.healthy:
         raise typer.Exit(1)
+
+
+@app.command("index")
+def build_index(
+    db: Optional[Path] = DbOpt,
+    lists: Optional[int] = typer.Option(None, "--lists", help="Number of lists (k-means centroids). Default: about sqrt(N)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Lists a top-10 query probes (default 12; more for larger -k)."),
+    force: bool = typer.Option(False, "--force", help="Build even below 50,000 vectors, where exact search is fast."),
+    drop: bool = typer.Option(False, "--drop", help="Remove the index: search becomes exact."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress line."),
+):
+    """Build (or rebuild/retrain) the search index: k-means lists over the gallery's vectors, in the database."""
+    import time
+
+    from retrieval import index as X
+    from retrieval.errors import ConfigError
+
+    db_path, conn = _open_db(db, must_exist=True)
+    if drop:
+        X.drop(conn)
+        typer.echo(f"{db_path}: index removed; search is exact")
+        return
+    n = X.count_vectors(conn)
+    if n == 0:
+        raise ConfigError(f"{db_path}: the gallery holds no vectors yet: nothing to index")
+    if n < X.EXACT_BELOW and not force and lists is None:
+        typer.echo(f"{db_path}: {n} vectors: exact search is fast below {X.EXACT_BELOW:,}; no index built "
+                   "(--force builds one anyway)")
+        return
+    if lists is not None and lists < 1:
+        raise ConfigError(f"--lists {lists}: expected a positive number")
+    if nprobe is not None and nprobe < 1:
+        raise ConfigError(f"--nprobe {nprobe}: expected a positive number")
+    shown = {"on": (not quiet) and sys.stderr.isatty(), "any": False}
+
+    def progress(stage, done, total):
+        if shown["on"]:
+            sys.stderr.write(f"\r{stage}: {done}/{total}\033[K")
+            sys.stderr.flush()
+            shown["any"] = True
+
+    t = time.perf_counter()
+    st = X.build(conn, nlist=lists, nprobe=nprobe, progress=progress)
+    if shown["any"]:
+        sys.stderr.write("\n")
+    typer.echo(f"{db_path}: index of {st['nlist']} lists over {st['trained_on']} vectors (k-means on {st['sample']}), "
+               f"probing {st['nprobe']}; {time.perf_counter() - t:.1f} s")
 
 
 @app.command("vec-path")

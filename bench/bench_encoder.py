@@ -1,6 +1,7 @@
 """Encoder throughput: our NumPy forward pass against transformers' Dinov2Model on the same CPU.
 
-    .venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run (~9 min)
+    .venv/bin/python bench/bench_encoder.py            # every setting + the whole-process run, with the eager column
+    .venv/bin/python bench/bench_encoder.py --no-eager # the same against the default (SDPA) only (~9 min, quiet machine)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_encoder.py   # where those are set
     .venv/bin/python bench/bench_encoder.py --quick    # base 224x224 b8 and b1 only, fewer runs (~1 min)
     .venv/bin/python bench/bench_encoder.py --settings base:224x224:8 --no-cli
@@ -17,11 +18,15 @@ What it measures, in ONE run (side by side on the same, possibly busy, machine):
    (``random_params(official_config(variant), seed)``), the same random pixels:
      - NumPy: ``retrieval.model.embed(model, pixels)`` (CLS feature: the tool's work; the last layer
        only finishes the CLS rows), or with ``:all`` ``retrieval.model.forward`` (every token);
-     - torch: transformers' ``Dinov2Model`` via ``tests/reference.py: hf_model`` with eager attention
-       (``set_attn_implementation("eager")``), float32, under ``torch.inference_mode()``;
+     - torch: transformers' ``Dinov2Model`` as its users run it: ``tests/reference.py: hf_model``
+       (``from_pretrained`` with transformers' DEFAULT attention implementation, SDPA on CPU), float32,
+       called through ``reference.hf_run`` under ``torch.inference_mode()``. The "ratio" column is
+       NumPy against this;
+     - torch eager (an extra column, unless --no-eager): the same with ``attn_implementation="eager"``,
+       which is slower than the default on CPU; "ratio vs eager" is NumPy against it;
    warm-up runs, then timed runs (at least --repeats and about --min-seconds); images/s from the median.
-   Rounds alternate the order (NumPy, torch, torch, NumPy, ...) and pool the times, so drift in the
-   machine's load hits both sides.
+   Rounds alternate the order (NumPy, torch, eager, eager, torch, NumPy, ...) and pool the times, so
+   drift in the machine's load hits every side.
      - % of roofline: the roofline is the images/s the measured GEMM rate allows for the model's forward
        pass (GFLOP of every matrix product of the whole forward, every token: patch embedding, QKV,
        attention scores and values, proj, fc1, fc2), i.e. GEMM GFLOP/s / forward GFLOP; the column is
@@ -35,9 +40,10 @@ What it measures, in ONE run (side by side on the same, possibly busy, machine):
        includes the weights, the libraries and the activations.
 4. Whole process: ``cli.py embed --batch-size 8`` over --images generated JPEGs of three aspect ratios
    (resize-short gives three shapes, so batches are full) against ``bench/hf_embed.py`` (transformers
-   loading the same safetensors with ``from_pretrained``, the same decoding, preprocessing and batching),
-   wall time of the whole process (interpreter start, imports, loading, encoding, writing), median of
-   --cli-rounds alternated runs; the two outputs are compared as a check.
+   loading the same safetensors with ``from_pretrained`` and its default attention, the same decoding,
+   preprocessing and batching; with eager attention too unless --no-eager), wall time of the whole
+   process (interpreter start, imports, loading, encoding, writing), median of --cli-rounds alternated
+   runs; the outputs are compared as a check.
 
 Prints a Markdown table (and writes the raw figures with --json PATH).
 """
@@ -219,20 +225,18 @@ def worker_run(args) -> dict:
             def fn():
                 return M.embed(model, pixels)
         extra = {"threads": threads, "element_threads": M.THREADS}
-    else:
+    else:  # "torch": transformers' default attention (SDPA), as users run it; "eager": the extra column
         import torch
 
         sys.path.insert(0, str(ROOT / "tests"))
-        from reference import hf_model
+        from reference import hf_model, hf_run
 
         torch.set_num_threads(threads)
-        model = hf_model(random_params(cfg, SEED), cfg)
-        model.set_attn_implementation("eager")
+        model = hf_model(random_params(cfg, SEED), cfg, attn_implementation="eager" if args.worker == "eager" else None)
         x = torch.from_numpy(pixels)
 
         def fn():
-            with torch.inference_mode():
-                return model(pixel_values=x).last_hidden_state
+            return hf_run(model, x)
 
         extra = {"threads": torch.get_num_threads(), "attn": model.config._attn_implementation,
                  "torch": torch.__version__}
@@ -303,8 +307,8 @@ def write_model_dir(folder: Path, variant: str) -> Path:
     return folder
 
 
-def timed_process(cmd: list) -> tuple[float, float]:
-    """Wall seconds and the child's own peak RSS (MB) of one command."""
+def timed_process(cmd: list) -> tuple[float, float, str]:
+    """Wall seconds, the child's own peak RSS (MB) and its stdout, of one command."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -313,7 +317,7 @@ def timed_process(cmd: list) -> tuple[float, float]:
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]}...: exit {proc.returncode}\n{err.decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, out.decode()
 
 
 def whole_process(args, threads: int) -> dict:
@@ -326,15 +330,24 @@ def whole_process(args, threads: int) -> dict:
                 "--batch-size", "8", "--offline", "--out", str(ours_out)]
         hf = [sys.executable, str(ROOT / "bench" / "hf_embed.py"), *map(str, photos), "--model-dir", str(mdir),
               "--batch-size", "8", "--threads", str(threads), "--out", str(hf_out)]
-        res = {"ours": [], "hf": [], "ours_rss": [], "hf_rss": []}
+        eager_out = tmp / "hf_eager.npy"
+        cmds = {"ours": ours, "hf": hf}
+        if not args.no_eager:
+            cmds["hf_eager"] = hf[:-2] + ["--attn", "eager", "--out", str(eager_out)]
+        res = {k: [] for side in cmds for k in (side, side + "_rss")}
         for r in range(args.cli_rounds):
-            for side in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-                wall, rss = timed_process(ours if side == "ours" else hf)
+            for side in (list(cmds) if r % 2 == 0 else list(cmds)[::-1]):
+                wall, rss, out = timed_process(cmds[side])
                 res[side].append(wall)
                 res[side + "_rss"].append(rss)
-        a, b = np.load(ours_out).astype(np.float64), np.load(hf_out).astype(np.float64)
-        res["rel_max"] = float(np.abs(a - b).max() / np.abs(b).max())
-        res["cos_min"] = float(np.min(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+                if side != "ours":  # hf_embed.py's last line names the attention implementation it ran
+                    res[side + "_attn"] = out.strip().rsplit("(transformers ", 1)[-1].rstrip(")")
+        a = np.load(ours_out).astype(np.float64)
+        for ref in [hf_out] + ([eager_out] if "hf_eager" in cmds else []):
+            b = np.load(ref).astype(np.float64)
+            res["rel_max"] = max(res.get("rel_max", 0.0), float(np.abs(a - b).max() / np.abs(b).max()))
+            res["cos_min"] = min(res.get("cos_min", 1.0), float(np.min(
+                np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))))
         res["images"] = len(photos)
         return res
 
@@ -432,6 +445,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=4.0, help="keep timing up to this long (max 4x repeats)")
     ap.add_argument("--sgemm-repeats", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="skip the extra transformers-with-eager-attention column (the reference is transformers' default, SDPA)")
     ap.add_argument("--no-cli", action="store_true", help="skip the whole-process comparison")
     ap.add_argument("--images", type=int, default=48, help="images for the whole-process comparison")
     ap.add_argument("--cli-rounds", type=int, default=3)
@@ -451,7 +466,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.settings = args.settings or QUICK_SETTINGS
-        args.rounds, args.repeats, args.min_seconds, args.no_cli = 1, 3, 0.0, True
+        args.rounds, args.repeats, args.min_seconds, args.no_cli, args.no_eager = 1, 3, 0.0, True, True
     settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
 
     from retrieval.variants import official_config
@@ -476,11 +491,11 @@ def main(argv=None) -> int:
         cfg = official_config(s["variant"])
         g = gflop(cfg, s["H"], s["W"], cls_only=not s["all"])
         g_forward = gflop(cfg, s["H"], s["W"], cls_only=False)
-        times = {"numpy": [], "torch": []}
-        rss = {"numpy": [], "torch": []}
+        sides = ["numpy"] if args.no_torch else ["numpy", "torch"] if args.no_eager else ["numpy", "torch", "eager"]
+        times = {side: [] for side in sides}
+        rss = {side: [] for side in sides}
         loads = []
         meta = {}
-        sides = ["numpy"] if args.no_torch else ["numpy", "torch"]
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 out = run_worker(side, args, s["name"])
@@ -500,9 +515,14 @@ def main(argv=None) -> int:
         row["gemm_use_pct"] = 100 * g * row["numpy"]["images_per_s"] / sg["gflops_median"]
         if "torch" in row:
             row["ratio"] = row["numpy"]["images_per_s"] / row["torch"]["images_per_s"]
+        if "eager" in row:
+            row["ratio_eager"] = row["numpy"]["images_per_s"] / row["eager"]["images_per_s"]
         rows.append(row)
         print(f"# {s['name']}: numpy {row['numpy']['images_per_s']:.2f} img/s"
-              + (f", torch {row['torch']['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}" if "ratio" in row else "")
+              + (f", torch ({row['torch']['attn']}) {row['torch']['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}"
+                 if "ratio" in row else "")
+              + (f", torch (eager) {row['eager']['images_per_s']:.2f} img/s, ratio {row['ratio_eager']:.2f}"
+                 if "ratio_eager" in row else "")
               + f", {row['roofline_pct']:.1f}% of roofline ({row['roofline_images_per_s']:.2f} img/s), GEMM use "
               f"{row['gemm_use_pct']:.1f}%; other processes used up to {row['other_load_cores']:.2f} cores",
               flush=True)
@@ -515,18 +535,22 @@ def main(argv=None) -> int:
     print(f"BLAS kernel {info.get('architecture')}, {threads} threads (torch.set_num_threads({threads})), "
           f"float32 GEMM {sg['gflops_median']:.0f} GFLOP/s")
     print()
-    print("| setting | forward GFLOP | roofline img/s | NumPy img/s | torch img/s | ratio | % of roofline | GEMM use "
-          "| peak RSS NumPy | peak RSS torch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    attn = next((r["torch"]["attn"] for r in rows if "torch" in r), "default")
+    eager = any("eager" in r for r in rows)
+    print(f"| setting | forward GFLOP | roofline img/s | NumPy img/s | torch ({attn}) img/s | ratio vs {attn} "
+          f"| % of roofline | GEMM use | peak RSS NumPy | peak RSS torch ({attn}) |"
+          + (" extra: torch (eager) img/s | extra: ratio vs eager |" if eager else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if eager else ""))
     for row in rows:
         name = row["setting"].replace(":all", " (all tokens)")
         v, hw, b = name.split(":")[0], name.split(":")[1], name.split(":")[2]
-        t = row.get("torch")
+        t, e = row.get("torch"), row.get("eager")
         print(f"| {v} {hw} b{b} | {row['forward_gflop_per_image']:.1f} | {row['roofline_images_per_s']:.2f} | "
               f"{row['numpy']['images_per_s']:.2f} | "
-              + (f"{t['images_per_s']:.2f} | {row['ratio']:.2f}x | " if t else "- | - | ")
+              + (f"{t['images_per_s']:.2f} | **{row['ratio']:.2f}x** | " if t else "- | - | ")
               + f"{row['roofline_pct']:.0f}% | {row['gemm_use_pct']:.0f}% | {row['numpy']['peak_rss_mb']:.0f} MB | "
-              + (f"{t['peak_rss_mb']:.0f} MB |" if t else "- |"))
+              + (f"{t['peak_rss_mb']:.0f} MB |" if t else "- |")
+              + (f" {e['images_per_s']:.2f} | {row['ratio_eager']:.2f}x |" if e else (" - | - |" if eager else "")))
     busy = [r["setting"] for r in rows if r["other_load_cores"] > 0.2]
     if busy:
         print(f"\nNOISY: other processes used more than 0.2 cores during {', '.join(busy)}: re-run on a quiet machine.")
@@ -534,9 +558,16 @@ def main(argv=None) -> int:
         o, h = statistics.median(cli["ours"]), statistics.median(cli["hf"])
         print()
         print(f"Whole process, {cli['images']} JPEGs, batch size 8 (median of {len(cli['ours'])}): "
-              f"`cli.py embed` {o:.1f} s (peak RSS {max(cli['ours_rss']):.0f} MB), transformers {h:.1f} s "
-              f"(peak RSS {max(cli['hf_rss']):.0f} MB): {h / o:.2f}x; features agree to {cli['rel_max']:.1e} "
-              f"(relative max error), cosine >= {cli['cos_min']:.7f}")
+              f"`cli.py embed` {o:.1f} s (peak RSS {max(cli['ours_rss']):.0f} MB), transformers with its default "
+              f"attention ({cli['hf_attn']}) {h:.1f} s (peak RSS {max(cli['hf_rss']):.0f} MB): **{h / o:.2f}x**"
+              + (f"; extra: transformers with eager attention {statistics.median(cli['hf_eager']):.1f} s (peak RSS "
+                 f"{max(cli['hf_eager_rss']):.0f} MB): {statistics.median(cli['hf_eager']) / o:.2f}x"
+                 if cli.get("hf_eager") else "")
+              + f"; features agree to {cli['rel_max']:.1e} (relative max error), cosine >= {cli['cos_min']:.7f}")
+        print(f"(all runs, s: cli.py embed {', '.join(f'{t:.1f}' for t in cli['ours'])}; transformers default "
+              f"{', '.join(f'{t:.1f}' for t in cli['hf'])}"
+              + (f"; transformers eager {', '.join(f'{t:.1f}' for t in cli['hf_eager'])}" if cli.get("hf_eager") else "")
+              + ")")
     if args.json:
         args.json.write_text(json.dumps({"blas": info, "sgemm": sg, "rows": rows, "cli": cli}, indent=2, default=str))
     return 0

@@ -295,6 +295,57 @@ def dir_items(folder, files_root=None, base: Path | None = None) -> Iterator[Ite
             yield local_item(path, {"relative_path": str(path.relative_to(root))}, confine, base)
 
 
+class Recent:
+    """URL hashes handed on lately: a window of the last ``window`` remembered, plus those still at the fetcher
+    (however far ahead it reads), so a URL repeated in the source while its first copy is in the pipeline is
+    skipped; anything older has been committed and ``store.known`` finds it."""
+
+    def __init__(self, window: int = 10_000):
+        self.window = window
+        self.recent: set[str] = set()
+        self.order: deque[str] = deque()
+        self.fetching: set[str] = set()  # handed to the fetcher, no result yet
+
+    def __contains__(self, h: str) -> bool:
+        return h in self.recent or h in self.fetching
+
+    def remember(self, h: str) -> None:
+        """The window counts from here: until the row is committed."""
+        self.fetching.discard(h)
+        self.recent.add(h)
+        self.order.append(h)
+        if len(self.order) > self.window:
+            self.recent.discard(self.order.popleft())
+
+
+def needs_work(conn, source: Iterator[Item], options: IngestOptions, recent: Recent | None = None,
+               stop: threading.Event | None = None, track_fetches: bool = False) -> Iterator[Item]:
+    """The items of ``source`` that need work, in order, looked up in the gallery at ``conn`` CHUNK rows at
+    a time; after each chunk that skipped rows, a marker ``Item(skipped=n)``. Skipped: rows the gallery
+    knows and need not retry (:func:`_skip`), and a URL in ``recent`` (its first copy may still be in the
+    pipeline). ``track_fetches``: an item to download counts as at the fetcher until the caller remembers
+    it (``recent.remember``) when its result is back; otherwise every item is remembered as it is handed on."""
+    recent = recent if recent is not None else Recent()
+    it = iter(source)
+    while stop is None or not stop.is_set():
+        chunk = [x for _, x in zip(range(CHUNK), it)]
+        if not chunk:
+            return
+        known = store.known(conn, [x.url_hash for x in chunk])
+        skipped = 0
+        for x in chunk:
+            if x.url_hash in recent or _skip(known.get(x.url_hash), options, x.mtime):
+                skipped += 1
+                continue
+            if track_fetches and x.error is None and not x.local and x.original is None:
+                recent.fetching.add(x.url_hash)
+            else:
+                recent.remember(x.url_hash)
+            yield x
+        if skipped:
+            yield Item(url="", url_hash="", skipped=skipped)
+
+
 # ---------------------------------------------------------------- producer
 
 
@@ -398,19 +449,8 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
     conn = store.connect(db_path, apply_migrations=False)
     db_dir = Path(db_path).resolve().parent
     route = encoder.settings.preprocess
-    # Hashes handed on recently: a URL repeated in the source while its first copy is still in the
-    # pipeline is skipped. Bounded: anything older than the window has been committed, and known()
-    # finds it in the gallery.
     window = max(10_000, 8 * encoder.settings.batch_size + 4 * options.workers + options.queue_size + 2 * CHUNK)
-    recent: set[str] = set()
-    order: deque[str] = deque()
-    fetching: set[str] = set()  # handed to the fetcher, no result yet (however far ahead it reads)
-
-    def remember(h: str):
-        recent.add(h)
-        order.append(h)
-        if len(order) > window:
-            recent.discard(order.popleft())
+    recent = Recent(window)
 
     def holder_of(sha: str) -> int | None:
         return store.find_by_content(conn, sha)
@@ -438,28 +478,13 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
 
     def todo() -> Iterator[tuple[Item, str]]:
         """Source items that need work, as (item, url) pairs for the fetcher; skips and failures are put."""
-        it = iter(source)
-        while not stop.is_set():
-            chunk = [x for _, x in zip(range(CHUNK), it)]
-            if not chunk:
-                return
-            known = store.known(conn, [x.url_hash for x in chunk])
-            skipped = 0
-            for x in chunk:
-                if x.url_hash in recent or x.url_hash in fetching or _skip(known.get(x.url_hash), options, x.mtime):
-                    skipped += 1
-                    continue
-                if x.error is not None:  # a bad CSV row: recorded as failed, nothing to fetch
-                    remember(x.url_hash)
-                    put(x)
-                elif x.local or x.original is not None:
-                    remember(x.url_hash)
-                    put(read_local(x))
-                else:  # remembered once its result is back (the fetcher may read far ahead)
-                    fetching.add(x.url_hash)
-                    yield x, x.fetch_url or x.url
-            if skipped:
-                put(Item(url="", url_hash="", skipped=skipped))
+        for x in needs_work(conn, source, options, recent, stop, track_fetches=True):
+            if x.skipped or x.error is not None:  # a skip count, or a bad CSV row: recorded as failed
+                put(x)
+            elif x.local or x.original is not None:
+                put(read_local(x))
+            else:  # remembered once its result is back (the fetcher may read far ahead)
+                yield x, x.fetch_url or x.url
 
     def read_local(item: Item) -> Item:
         try:
@@ -478,8 +503,7 @@ def _produce(source: Iterator[Item], db_path, encoder: Encoder, options: IngestO
                 if stop.is_set():  # e.g. "cancelled" by the main thread closing the fetcher: not recorded
                     break
                 item: Item = res.key
-                fetching.discard(item.url_hash)
-                remember(item.url_hash)  # the window counts from here: until the row is committed
+                recent.remember(item.url_hash)  # the window counts from here: until the row is committed
                 item.http_status = res.http_status
                 if not res.ok:
                     item.error = res.reason

@@ -315,12 +315,9 @@ def same_bytes(conn, image_id: int) -> set[int]:
 def delete_vectors(conn, ids) -> int:
     """Delete the vectors of ``ids``: the ONE place this module deletes vectors (a search index kept beside
     the vec0 table is updated here too). Returns how many were deleted."""
-    if not store._table_exists(conn, "image_embeddings"):
-        return 0
-    n = 0
-    for i in ids:
-        n += conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (int(i),)).rowcount or 0
-    return n
+    from . import index
+
+    return index.delete(conn, ids)
 
 
 def _delete_thumbnails(conn, ids) -> int:

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import erf
 
 from .errors import ConfigError
 from .interpolate import interpolate_pos_embed
@@ -303,6 +302,8 @@ _GELU_T = 8.0
 def gelu(x, t=None, p=None, q=None):
     """Exact GELU in place, x * (1 + erf(x / sqrt(2))) / 2; t, p, q: optional scratch shaped like x."""
     if x.dtype != np.float32:
+        from scipy.special import erf  # imported here: float32 (every query) does not need SciPy (~0.3 s)
+
         y = erf(x * np.asarray(1 / np.sqrt(2), x.dtype))  # (..., F)
         y += 1
         y *= 0.5

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from . import store
-from .encoder import EncoderSettings, encode_images, l2_normalise, load_encoder
 from .errors import DatabaseError, InputError, ModelMismatchError
+
+# the encoder (model, weights, preprocessing) is imported by the functions that encode: a query by id
+# does not pay for it
 
 
 def gallery_model(conn) -> dict:
@@ -24,6 +26,9 @@ def gallery_model(conn) -> dict:
 
 def gallery_encoder(conn, weights_path):
     """Load the weights at ``weights_path`` with the gallery's settings; refuse other weights."""
+    from .encoder import EncoderSettings
+    from .prepared import load_encoder  # the folded weights and their sha256, cached on disk
+
     model = gallery_model(conn)
     settings = EncoderSettings(preprocess=model["preprocess"], interpolation=model["interpolation"],
                                pooling=model["pooling"], batch_size=1)
@@ -37,12 +42,14 @@ def gallery_encoder(conn, weights_path):
 
 def vector_of_image(encoder, image):
     """A decoded image's L2-normalised vector (D,)."""
+    from .encoder import encode_images, l2_normalise
+
     return l2_normalise(encode_images(encoder, [image]))[0]
 
 
-def by_image(conn, encoder, image, k: int) -> list[dict]:
+def by_image(conn, encoder, image, k: int, exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """Nearest gallery images to a decoded image."""
-    return store.search(conn, vector_of_image(encoder, image), k)
+    return store.search(conn, vector_of_image(encoder, image), k, exact=exact, nprobe=nprobe)
 
 
 def vector_of(conn, image_id: int):
@@ -57,9 +64,9 @@ def vector_of(conn, image_id: int):
     return vector
 
 
-def by_id(conn, image_id: int, k: int) -> list[dict]:
+def by_id(conn, image_id: int, k: int, exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """Nearest gallery images to a stored image (a duplicate row uses the vector it points at)."""
-    return store.search(conn, vector_of(conn, image_id), k)
+    return store.search(conn, vector_of(conn, image_id), k, exact=exact, nprobe=nprobe)
 
 
 def display_path(path: str | None, db_path) -> str | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import index as search_index
 from . import store
 from .errors import DatabaseError, InputError
 
@@ -410,5 +411,5 @@ def _copy_vectors(src, dst, dim: int, report: Recovery) -> None:
         if blob is None:
             report.vectors_lost.append(image_id)
             continue
-        dst.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)", (image_id, blob))
+        search_index.insert(dst, image_id, blob)  # into its list of the search index (0 without one)
         report.vectors_copied += 1

@@ -60,7 +60,6 @@ MIGRATIONS_DIR = _migrations_dir()
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 # Migrations that also need Python (work SQL cannot do, e.g. hashing): file stem -> "module:function" in this
 # package, called with the connection right after the file's statements, in the same transaction.
-PYTHON_STEPS = {"0004_lifecycle": "lifecycle:relativise_paths"}
 
 BUSY_TIMEOUT_S = 30.0
 KNN_MAX_K = 4096  # sqlite-vec's limit on k in a vec0 KNN query
@@ -312,6 +311,21 @@ def _statements(script: str):
         yield rest
 
 
+# Migrations with a step in Python besides their SQL file (run after it, in the same transaction):
+# the vec0 table's width comes from the model, so rewriting it cannot be a SQL file.
+# Python steps run right after a migration's SQL, in its transaction: module, function(conn)
+PYTHON_STEPS = {"0003_search_index": ("retrieval.index", "upgrade"),
+                "0004_lifecycle": ("retrieval.lifecycle", "relativise_paths")}
+
+
+def _python_step(conn, name: str) -> None:
+    step = PYTHON_STEPS.get(name)
+    if step:
+        import importlib
+
+        getattr(importlib.import_module(step[0]), step[1])(conn)
+
+
 def migrate(conn, upto: int | None = None, directory=None) -> list[str]:
     """Apply the pending migrations (only the first ``upto`` files when given); returns those applied.
 
@@ -348,11 +362,7 @@ def migrate(conn, upto: int | None = None, directory=None) -> list[str]:
             try:
                 for statement in _statements(script):
                     conn.execute(statement)
-                if name in PYTHON_STEPS:
-                    import importlib
-
-                    module, function = PYTHON_STEPS[name].split(":")
-                    getattr(importlib.import_module(f".{module}", __package__), function)(conn)
+                _python_step(conn, name)
             except SQLITE_ERRORS as exc:
                 raise DatabaseError(f"{db_name(conn)}: cannot apply migration {name}: {exc}") from None
             conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, _now()))
@@ -472,10 +482,9 @@ def ensure_model(conn, record: dict) -> dict:
 
 
 def _create_vectors_table(conn, dim: int) -> None:
-    conn.execute(
-        "CREATE VIRTUAL TABLE IF NOT EXISTS image_embeddings USING vec0("
-        f"image_id INTEGER PRIMARY KEY, embedding float[{int(dim)}] distance_metric=cosine)"
-    )
+    from . import index  # the layout (partition key, chunk size) belongs to the search index
+
+    index.create_vectors_table(conn, dim)
 
 
 def _model_dim(conn) -> int:
@@ -620,7 +629,7 @@ def record_ok(conn, row: dict, vector) -> tuple[int, str]:
         conn.execute(_UPSERT_OK, params)
         image_id = int(_existing(conn, params["url_hash"])["id"])
         conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (image_id,))
-        conn.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)", (image_id, blob))
+        _insert_vector(conn, image_id, blob)
         return image_id, "ok"
 
 
@@ -639,7 +648,14 @@ def _promote_duplicate(conn, image_id: int) -> None:
     conn.execute("UPDATE images SET duplicate_of = ? WHERE duplicate_of = ? AND status = 'duplicate'", (heir, image_id))
     if old is not None:
         conn.execute("DELETE FROM image_embeddings WHERE image_id = ?", (heir,))
-        conn.execute("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)", (heir, old[0]))
+        _insert_vector(conn, heir, old[0])
+
+
+def _insert_vector(conn, image_id: int, blob) -> None:
+    """INSERT a vector into its search-index list (index.insert), in the caller's transaction."""
+    from . import index
+
+    index.insert(conn, image_id, bytes(blob))
 
 
 def record_failed(conn, row: dict) -> tuple[int, str]:
@@ -800,32 +816,15 @@ def finish_run(conn, run_id: int, counts: dict, status: str = "completed") -> No
 
 # ---------------------------------------------------------------- search
 
-KNN_SQL = """
-WITH knn AS (
-    SELECT image_id, distance
-    FROM image_embeddings
-    WHERE embedding MATCH :query AND k = :k
-)
-SELECT images.id, images.url, images.path, 1.0 - knn.distance AS score,
-       images.width, images.height, images.meta
-FROM knn JOIN images ON images.id = knn.image_id
-ORDER BY knn.distance, images.id
-"""
-
-# sqlite-vec refuses k > 4096 in a KNN query: the same answer by a full scan
-SCAN_SQL = """
-SELECT images.id, images.url, images.path, 1.0 - vec_distance_cosine(e.embedding, :query) AS score,
-       images.width, images.height, images.meta
-FROM image_embeddings AS e JOIN images ON images.id = e.image_id
-ORDER BY score DESC, images.id
-LIMIT :k
-"""
+# The statements: retrieval/index.py (IVF_SQL, EXACT_SQL, and the k > 4096 ones).
 
 
-def search(conn, vector, k: int) -> list[dict]:
+def search(conn, vector, k: int, exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """The ``k`` nearest images to ``vector`` (D floats, L2-normalised by the caller), nearest first:
     ``[{rank (1-based), id, url, path, score (= 1 - cosine distance), width, height, meta (dict)}]``.
-    One SQL statement: a vec0 KNN for k <= 4096, a full scan with vec_distance_cosine above."""
+    One SQL statement (retrieval/index.py): with a trained index, the IVF query probing the nearest
+    lists (``nprobe`` of them; default: the index's own); without one, or with ``exact=True``, a vec0
+    KNN over every vector (k <= 4096) or its equivalent above."""
     k = int(k)
     if k <= 0:
         raise ValueError(f"k must be positive, not {k}")
@@ -837,8 +836,9 @@ def search(conn, vector, k: int) -> list[dict]:
         raise ModelMismatchError(
             f"{db_name(conn)} holds {dim}-d vectors; the query vector has shape {q.shape}"
         )
-    sql = KNN_SQL if k <= KNN_MAX_K else SCAN_SQL
-    rows = conn.execute(sql, {"query": q.astype("<f4").tobytes(), "k": k}).fetchall()
+    from . import index
+
+    rows = index.search(conn, q, k, exact=exact, nprobe=nprobe)
     return [
         {
             "rank": rank,
@@ -858,9 +858,9 @@ def search(conn, vector, k: int) -> list[dict]:
 
 
 def _count_vectors(conn) -> int:
-    if not _table_exists(conn, "image_embeddings"):
-        return 0
-    return int(conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0])
+    from . import index  # counts vec0's rowids shadow table: no row-by-row scan
+
+    return index.count_vectors(conn)
 
 
 def stats(conn) -> dict:
@@ -882,13 +882,17 @@ def stats(conn) -> dict:
             return 0
 
     runs = [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 5")]
+    from . import index
+
+    n_vectors = _count_vectors(conn)
     return {
         "database": db_name(conn),
         "file_bytes": size(file_name) if file_name else 0,
         "wal_bytes": size(file_name + "-wal") if file_name else 0,
         "counts": counts,
         "model": get_model(conn),
-        "vectors": _count_vectors(conn),
+        "vectors": n_vectors,
+        "index": index.summary(conn, n_vectors),
         "migrations": applied_migrations(conn),
         "runs": runs,
     }

@@ -1,5 +1,7 @@
-"""The reference implementation for parity tests: transformers' Dinov2Model / Dinov2WithRegistersModel
-built from the same parameters our encoder uses (torch and transformers needed; tests import this lazily).
+"""The reference implementation for parity tests and benchmarks: transformers' Dinov2Model /
+Dinov2WithRegistersModel built from the same parameters our encoder uses, loaded and run as users of
+transformers run it (default attention implementation, float32). torch and transformers needed; tests
+import this lazily; bench/bench_encoder.py and bench/hf_embed.py import it too.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 
-def hf_model(params: dict, cfg):
-    """A transformers model loaded the way users load the hub files: config.json + model.safetensors."""
-    import torch
-    from safetensors.numpy import save_file
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+def hf_config(cfg):
+    """transformers' config (Dinov2Config / Dinov2WithRegistersConfig) for one of our ModelConfigs."""
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
 
     common = dict(
         hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, mlp_ratio=4,
@@ -24,17 +24,67 @@ def hf_model(params: dict, cfg):
         use_swiglu_ffn=cfg.ffn == "swiglu",
     )
     if cfg.registers:
-        config, cls = Dinov2WithRegistersConfig(num_register_tokens=cfg.registers, **common), Dinov2WithRegistersModel
-    else:
-        config, cls = Dinov2Config(**common), Dinov2Model
-    with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()},
-                  str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        model = cls.from_pretrained(tmp)
+        return Dinov2WithRegistersConfig(num_register_tokens=cfg.registers, **common)
+    return Dinov2Config(**common)
+
+
+def save_hf(params: dict, cfg, folder) -> Path:
+    """The hub layout in ``folder``: config.json + model.safetensors (float32), what from_pretrained reads."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    hf_config(cfg).save_pretrained(folder)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def load_hf(model_dir, attn_implementation: str | None = None):
+    """transformers' model as its users run it: ``AutoModel.from_pretrained`` in float32, eval mode.
+
+    ``attn_implementation=None`` passes nothing, so transformers picks its default attention (SDPA on
+    CPU); the benchmarks' reference (bench/bench_encoder.py, bench/hf_embed.py) loads through here, and
+    tests/test_bench_reference.py checks that it gets the default. ``"eager"`` is for the benchmark's
+    extra, labelled column only.
+    """
+    import torch
+    from transformers import AutoModel
+
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     model.eval()
+    return model
+
+
+def default_attn_implementation(cfg) -> str:
+    """The attention implementation transformers chooses for a model of ``cfg`` when the caller names
+    none (a model constructed from the bare config; use a small ``cfg``, its weights are initialised)."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    cls = Dinov2WithRegistersModel if cfg.registers else Dinov2Model
+    return cls(hf_config(cfg)).config._attn_implementation
+
+
+def hf_model(params: dict, cfg, attn_implementation: str | None = None):
+    """A transformers model loaded the way users load the hub files: config.json + model.safetensors
+    through ``load_hf`` (transformers' default attention unless ``attn_implementation`` is given)."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_hf(save_hf(params, cfg, tmp), attn_implementation)
     torch.set_grad_enabled(False)
     return model
+
+
+def hf_run(model, pixels):
+    """One timed call of the benchmarks' reference: ``last_hidden_state`` under ``torch.inference_mode()``.
+
+    ``pixels``: a float32 (B, 3, H, W) torch tensor or NumPy array."""
+    import torch
+
+    x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels, np.float32))
+    with torch.inference_mode():
+        return model(pixel_values=x).last_hidden_state
 
 
 def use_official_interpolation(model):

@@ -327,7 +327,8 @@ def test_healthy_gallery(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     names = [line.split()[1] for line in p.stdout.splitlines()[1:-1]]
     assert names == ["versions", "quick_check", "integrity_check", "migrations", "model", "vectors_missing",
-                     "vectors_orphan", "vector_norms", "duplicates", "runs", "originals", "orphan_files", "wal"]
+                     "vectors_orphan", "vector_norms", "search_index", "duplicates", "runs", "originals",
+                     "orphan_files", "wal"]
     assert all(line.startswith("ok") for line in p.stdout.splitlines()[1:-1])
     assert p.stdout.rstrip().endswith("healthy")
     assert "sqlite-vec v0.1.9" in line_of(p.stdout, "versions")
