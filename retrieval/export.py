@@ -321,13 +321,13 @@ def _link_original(original: str, sha: str | None, images_dir: Path | None) -> N
         pass
 
 
-def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
+def reindex_items(src_path, images_dir: Path | None = None, out_dir: Path | None = None) -> Iterator:
     """The source gallery's rows as ingest Items whose bytes come from disk: ok rows, then duplicates,
     then failures (with their recorded reason), each group by id. The gallery is opened on the first
     ``next()`` (the ingest producer's thread: a connection belongs to the thread that made it)."""
     src = store.connect(src_path, readonly=True)
     try:
-        yield from _reindex_items(src, src_path, images_dir)
+        yield from _reindex_items(src, src_path, images_dir, out_dir)
     finally:
         try:
             src.close()
@@ -335,7 +335,18 @@ def reindex_items(src_path, images_dir: Path | None = None) -> Iterator:
             pass
 
 
-def _reindex_items(src, src_path, images_dir) -> Iterator:
+def _rekey(item, file: str, out_dir: Path | None) -> None:
+    """A local file's row is keyed by its path relative to its gallery's folder (``lifecycle.local_key``): in
+    the new gallery, relative to the new gallery's folder, as an ingest there would key it."""
+    from .lifecycle import local_key
+
+    if out_dir is None:
+        return
+    item.url = local_key(file, out_dir)
+    item.url_hash = store.url_hash(item.url)
+
+
+def _reindex_items(src, src_path, images_dir, out_dir=None) -> Iterator:
     from .ingest import Item
 
     queries = (
@@ -358,6 +369,8 @@ def _reindex_items(src, src_path, images_dir) -> Iterator:
                 if status == "failed":  # not read again: its reason and what was known of its bytes stay
                     item.error = r["error"] or "failed: no reason recorded"
                     item.mtime = r["mtime"]
+                    if _is_local(r["url"]) and r["url"] and not r["url"].startswith("csv:"):
+                        _rekey(item, _absolute(r["url"], src_path), out_dir)
                     item.info = {k: r[k] for k in ("content_sha256", "bytes", "width", "height", "format")
                                  if r[k] is not None}
                 else:
@@ -371,6 +384,9 @@ def _reindex_items(src, src_path, images_dir) -> Iterator:
                         continue
                     item.local = local
                     item.original = _absolute(stored, src_path)
+                    if local:
+                        item.file = Path(item.original)
+                        _rekey(item, item.original, out_dir)
                     if not local:
                         _link_original(item.original, r["content_sha256"], images_dir)
                     if local:
@@ -414,7 +430,7 @@ def reindex(src_path, out_path, encoder, *, force: bool = False, images_dir=None
         options = IngestOptions(workers=workers, images_dir=Path(images_dir or default_images_dir(out_path)))
         conn = store.connect(tmp)
         try:
-            summary = run(conn, tmp, reindex_items(src_path, options.images_dir), f"reindex of {src_path.resolve()}", encoder,
+            summary = run(conn, tmp, reindex_items(src_path, options.images_dir, out_path.resolve().parent), f"reindex of {src_path.resolve()}", encoder,
                           options, total=total, progress=progress)
             if summary.status == "completed":
                 store.checkpoint(conn)
