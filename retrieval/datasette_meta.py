@@ -18,8 +18,8 @@ from .errors import InputError
 
 PLUGIN_HINT = "pip install 'dinov2-retrieval[datasette]' (or: pip install datasette datasette-render-images)"
 
-# "Images like image :id", nearest first, the image itself left out (as query --id does). A duplicate row
-# uses the vector of the ok row it duplicates. sqlite-vec's KNN form: MATCH + k = ? (not LIMIT, which
+# "Images like image :id", nearest first, the image itself and the ok row holding its bytes left out (as query
+# --id does). A duplicate row uses the vector of the ok row it duplicates. sqlite-vec's KNN form: MATCH + k = ? (not LIMIT, which
 # SQLite before 3.41 does not hand to the virtual table).
 SIMILAR_SQL = """\
 WITH target AS (
@@ -28,12 +28,12 @@ WITH target AS (
 ), knn AS (
   SELECT image_id, distance FROM image_embeddings
   WHERE embedding MATCH (SELECT embedding FROM image_embeddings WHERE image_id = (SELECT id FROM target))
-    AND k = coalesce(nullif(CAST(:k AS INTEGER), 0), 10) + 1
+    AND k = coalesce(nullif(CAST(:k AS INTEGER), 0), 10) + 2
 )
 SELECT images.id, 1.0 - knn.distance AS score, images.url, images.path, images.width, images.height,
        images.meta{thumbnail}
 FROM knn JOIN images ON images.id = knn.image_id
-WHERE images.id != CAST(:id AS INTEGER)
+WHERE images.id != CAST(:id AS INTEGER) AND images.id != (SELECT id FROM target)
 ORDER BY knn.distance, images.id
 LIMIT coalesce(nullif(CAST(:k AS INTEGER), 0), 10)"""
 
@@ -97,7 +97,7 @@ def metadata(conn, database: str) -> dict:
         queries["similar"] = {
             "title": "Images similar to :id",
             "description": "The k images nearest to image :id (cosine similarity of their DINOv2 vectors; "
-                           "k defaults to 10), the image itself left out.",
+                           "k defaults to 10), the image itself and the image holding the same bytes left out.",
             "sql": SIMILAR_SQL.format(thumbnail=thumbnail),
         }
     queries["gallery"] = {

@@ -321,13 +321,13 @@ def _link_original(original: str, sha: str | None, images_dir: Path | None) -> N
         pass
 
 
-def reindex_items(src_path, images_dir: Path | None = None, base: Path | None = None) -> Iterator:
+def reindex_items(src_path, images_dir: Path | None = None, out_dir: Path | None = None) -> Iterator:
     """The source gallery's rows as ingest Items whose bytes come from disk: ok rows, then duplicates,
     then failures (with their recorded reason), each group by id. The gallery is opened on the first
     ``next()`` (the ingest producer's thread: a connection belongs to the thread that made it)."""
     src = store.connect(src_path, readonly=True)
     try:
-        yield from _reindex_items(src, src_path, images_dir, base)
+        yield from _reindex_items(src, src_path, images_dir, out_dir)
     finally:
         try:
             src.close()
@@ -335,10 +335,19 @@ def reindex_items(src_path, images_dir: Path | None = None, base: Path | None = 
             pass
 
 
-def _reindex_items(src, src_path, images_dir, base=None) -> Iterator:
-    """``base``: the new gallery's folder; a local file's key is recorded relative to it (lifecycle.local_key)."""
-    from .ingest import Item
+def _rekey(item, file: str, out_dir: Path | None) -> None:
+    """A local file's row is keyed by its path relative to its gallery's folder (``lifecycle.local_key``): in
+    the new gallery, relative to the new gallery's folder, as an ingest there would key it."""
     from .lifecycle import local_key
+
+    if out_dir is None:
+        return
+    item.url = local_key(file, out_dir)
+    item.url_hash = store.url_hash(item.url)
+
+
+def _reindex_items(src, src_path, images_dir, out_dir=None) -> Iterator:
+    from .ingest import Item
 
     queries = (
         ("ok", "SELECT i.*, NULL AS holder_path FROM images AS i WHERE status = 'ok' AND id > ? ORDER BY id LIMIT ?"),
@@ -360,6 +369,8 @@ def _reindex_items(src, src_path, images_dir, base=None) -> Iterator:
                 if status == "failed":  # not read again: its reason and what was known of its bytes stay
                     item.error = r["error"] or "failed: no reason recorded"
                     item.mtime = r["mtime"]
+                    if _is_local(r["url"]) and r["url"] and not r["url"].startswith("csv:"):
+                        _rekey(item, _absolute(r["url"], src_path), out_dir)
                     item.info = {k: r[k] for k in ("content_sha256", "bytes", "width", "height", "format")
                                  if r[k] is not None}
                 else:
@@ -373,13 +384,12 @@ def _reindex_items(src, src_path, images_dir, base=None) -> Iterator:
                         continue
                     item.local = local
                     item.original = _absolute(stored, src_path)
+                    if local:
+                        item.file = Path(item.original)
+                        _rekey(item, item.original, out_dir)
                     if not local:
                         _link_original(item.original, r["content_sha256"], images_dir)
                     if local:
-                        item.file = Path(item.original)
-                        if base is not None:  # keyed as an ingest into the new gallery's folder keys it
-                            item.url = local_key(item.original, base)
-                            item.url_hash = store.url_hash(item.url)
                         try:
                             item.mtime = os.stat(item.original).st_mtime_ns / 1e9  # seconds, as ingest records them
                         except OSError:

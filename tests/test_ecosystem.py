@@ -329,15 +329,15 @@ def test_reindex_builds_the_same_rows_from_the_originals_without_network(tmp_pat
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout)
     before, after = rows_of(src), rows_of(out)
-    keys = ("id", "status", "error", "http_status", "duplicate_of", "content_sha256", "meta", "bytes")
+    keys = ("id", "url", "url_hash", "status", "error", "http_status", "duplicate_of", "content_sha256", "meta",
+            "bytes")
+    # a local file is keyed by its path relative to its gallery's folder: the new gallery, elsewhere, keys it
+    # by its absolute path
+    for r in before:
+        if "://" not in r["url"]:
+            r["url"] = str((src.parent / r["url"]).resolve())
+            r["url_hash"] = store.url_hash(r["url"])
     assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
-    # the same URLs; a local file is keyed relative to its gallery's folder, so compare the files themselves
-    from retrieval.lifecycle import resolve_stored
-
-    def where(r, db):
-        return r["url"] if "://" in r["url"] or r["url"].startswith("csv:") else str(resolve_stored(r["url"], db))
-
-    assert [where(r, out) for r in after] == [where(r, src) for r in before]
     # a duplicate's size is known only when it happened to be decoded before its ok row was stored (in either
     # run): compared for the ok rows
     size = ("width", "height", "format")
@@ -479,20 +479,34 @@ def get(url: str, timeout: float = 10):
 
 
 def test_metadata_hides_shadow_tables_and_skips_absent_thumbnails(gallery, cli, tmp_path):
-    db = tmp_path / "gallery.db"  # a gallery whose thumbnails table is gone (as in one made before 0006)
+    """With the web app's thumbnails table the queries show thumbnails; without it (a gallery made before
+    that migration, or the table dropped) they leave them out and still work."""
+    from retrieval import datasette_meta
+
+    db = tmp_path / "gallery.db"
     shutil.copyfile(gallery, db)
-    conn = store.connect(db)
-    conn.execute("DROP TABLE thumbnails")
-    conn.close()
-    out = tmp_path / "meta.json"
-    p = cli("datasette", "--db", db, "--write-metadata", out)
-    assert p.returncode == 0, p.stderr
-    meta = json.loads(out.read_text())["databases"]["gallery"]
-    hidden = {name for name, spec in meta["tables"].items() if spec.get("hidden")}
-    assert hidden == {"image_embeddings_chunks", "image_embeddings_info", "image_embeddings_rowids",
-                      "image_embeddings_vector_chunks00"}
-    assert "thumbnails" not in meta["tables"] and "thumbnails" not in meta["queries"]["similar"]["sql"]
-    assert meta["tables"]["images"]["label_column"] == "url"
+    for dropped in (False, True):
+        if dropped:
+            conn = store.connect(db)
+            conn.execute("DROP TABLE IF EXISTS thumbnails")
+            conn.close()
+        out = tmp_path / "meta.json"
+        p = cli("datasette", "--db", db, "--write-metadata", out)
+        assert p.returncode == 0, p.stderr
+        meta = json.loads(out.read_text())["databases"]["gallery"]
+        hidden = {name for name, spec in meta["tables"].items() if spec.get("hidden")}
+        assert hidden == {"image_embeddings_chunks", "image_embeddings_info", "image_embeddings_rowids",
+                          "image_embeddings_vector_chunks00"}
+        assert meta["tables"]["images"]["label_column"] == "url"
+        conn = store.connect(db)
+        has = store._table_exists(conn, "thumbnails")
+        assert has != dropped
+        assert ("thumbnails" in meta["queries"]["similar"]["sql"]) == has
+        # the canned query runs on the file as it is
+        rows = conn.execute(meta["queries"]["similar"]["sql"], {"id": 1, "k": 3}).fetchall()
+        assert len(rows) == 3 and 1 not in [r["id"] for r in rows]
+        conn.close()
+    assert datasette_meta.SIMILAR_SQL
 
 
 def test_datasette_missing_says_how_to_install_it(gallery, cli, tmp_path):
@@ -511,10 +525,11 @@ def test_datasette_serves_the_similar_query_like_query_id(gallery, cli, env, tmp
     db = tmp_path / "gallery.db"
     shutil.copyfile(gallery, db)
     conn = store.connect(db)
-    conn.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, "
-                 "width INTEGER, height INTEGER, mime TEXT, data BLOB)")
+    conn.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id INTEGER PRIMARY KEY REFERENCES images(id) "
+                 "ON DELETE CASCADE, width INTEGER, height INTEGER, mime TEXT, data BLOB)")
     for (image_id,) in conn.execute("SELECT id FROM images WHERE status = 'ok'").fetchall():
-        conn.execute("INSERT OR REPLACE INTO thumbnails VALUES (?, 64, 48, 'image/jpeg', ?)", (image_id, jpeg(image_id)))
+        conn.execute("INSERT OR REPLACE INTO thumbnails (image_id, width, height, mime, data) "
+                     "VALUES (?, 64, 48, 'image/jpeg', ?)", (image_id, jpeg(image_id)))
     conn.close()
     port = free_port()
     proc = subprocess.Popen([sys.executable, "cli.py", "datasette", "--db", db, "--port", str(port)], cwd=ROOT,
@@ -532,7 +547,8 @@ def test_datasette_serves_the_similar_query_like_query_id(gallery, cli, env, tmp
                     raise AssertionError("datasette did not start: " + proc.communicate()[1][-2000:])
                 time.sleep(0.3)
         k = 4
-        for image_id in (1, 3):
+        dup = next(r["id"] for r in rows_of(db) if r["status"] == "duplicate")
+        for image_id in (1, 3, dup):  # a duplicate leaves out the ok row holding its bytes too, as query --id does
             rows = json.loads(get(f"{base}/gallery/similar.json?id={image_id}&k={k}&_shape=array"))
             q = cli("query", "--id", image_id, "-k", k + 1, "--db", db, "--json")
             assert q.returncode == 0, q.stderr
