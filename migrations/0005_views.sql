@@ -9,25 +9,25 @@
 --
 -- The metadata (the CSV row's other columns) stays JSON text: json_extract(meta, '$.title').
 
-CREATE VIEW ok_images AS
+CREATE VIEW IF NOT EXISTS ok_images AS
 SELECT id, url, path, width, height, format, bytes, content_sha256, meta, created_at, updated_at
 FROM images
 WHERE status = 'ok';
 
-CREATE VIEW failed_images AS
+CREATE VIEW IF NOT EXISTS failed_images AS
 SELECT id, url,
        CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) ELSE error END AS reason,
        error, http_status, attempts, meta, updated_at
 FROM images
 WHERE status = 'failed';
 
-CREATE VIEW duplicate_images AS
+CREATE VIEW IF NOT EXISTS duplicate_images AS
 SELECT d.id, d.url, d.duplicate_of, o.url AS original_url, o.path AS original_path, d.content_sha256, d.meta,
        d.updated_at
 FROM images AS d LEFT JOIN images AS o ON o.id = d.duplicate_of
 WHERE d.status = 'duplicate';
 
-CREATE VIEW failure_reasons AS
+CREATE VIEW IF NOT EXISTS failure_reasons AS
 SELECT CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) ELSE error END AS reason,
        count(*) AS images
 FROM images
