@@ -197,7 +197,8 @@ def local_item(path: Path, meta: dict | None = None, root: Path | None = None, b
     outside ``root`` is a failed item, and nothing about the file (not even its mtime) is looked at."""
     if root is not None and not inside(os.path.realpath(path), root):
         return Item(url=str(path), url_hash=store.url_hash(str(path)), meta=meta, error=outside_error(path, root))
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))
+    path = path.parent.resolve() / path.name  # keyed by its own name (a symlink is not keyed by its target)
     try:
         mtime = path.stat().st_mtime_ns / 1e9
     except OSError:

@@ -22,6 +22,7 @@ keep their absolute path. :func:`relativise_paths` is migration 0004's Python st
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ def gallery_dir(db_path) -> Path:
 def local_key(path, base) -> str:
     """How a local file is recorded (``images.url`` and ``path``): relative to ``base`` (the gallery's
     folder) with ``/`` separators when inside it, else absolute."""
-    p = Path(path).resolve()
+    p = Path(path)
+    p = Path(os.path.abspath(p)).parent.resolve() / p.name  # a symlink's own name, in its folder's real path
     try:
         return p.relative_to(Path(base).resolve()).as_posix()
     except ValueError:

@@ -326,8 +326,8 @@ def test_cli_index_stats_and_query(gallery):
     out = cli("stats", "--db", path).stdout
     assert "index      16 lists, probing 3; trained on 3000 vectors" in out, out
     assert cli("stats", "--json", "--db", path).stdout.count('"state": "trained"') == 1
-    ivf = [line.split()[2] for line in cli("query", "--id", 1, "-k", 5, "--db", path).stdout.splitlines()[1:]]
-    exact = [line.split()[2] for line in cli("query", "--id", 1, "-k", 5, "--exact", "--db", path).stdout.splitlines()[1:]]
+    ivf = [line.split()[2] for line in cli("query", "--id", 1, "-k", 5, "--include-self", "--db", path).stdout.splitlines()[1:]]
+    exact = [line.split()[2] for line in cli("query", "--id", 1, "-k", 5, "--exact", "--include-self", "--db", path).stdout.splitlines()[1:]]
     assert ivf[0] == exact[0] == "1" and len(exact) == 5
     assert exact == [str(i) for i in exact_ids(vectors, np.arange(1, N + 1), vectors[0], 5)]
     store.commit_batch(conn, outcomes(clustered(4000, seed=3), start=20_000))  # the gallery more than doubles
