@@ -16,7 +16,7 @@ from pathlib import Path
 from . import store
 from .errors import InputError
 
-PLUGIN_HINT = "pip install 'dinov2-retrieval[datasette]' (or: pip install datasette datasette-render-images)"
+PLUGIN_HINT = "pip install 'dinov2-gallery[datasette]' (or: pip install datasette datasette-render-images)"
 
 # "Images like image :id", nearest first, the image itself and the ok row holding its bytes left out (as query
 # --id does). A duplicate row uses the vector of the ok row it duplicates. sqlite-vec's KNN form: MATCH + k = ? (not LIMIT, which

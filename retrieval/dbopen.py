@@ -181,7 +181,7 @@ def _inspect(path: Path, immutable: bool) -> FileInfo:
                                                  f"gallery's (columns {', '.join(sorted(cols))})", tables)
         if "migrations" not in names:
             return FileInfo(path, "foreign", "a SQLite database with an images table but no migrations table: not "
-                                             "made by dinov2-retrieval", tables)
+                                             "made by dinov2-gallery", tables)
         try:
             applied = [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY name")]
         except store.SQLITE_ERRORS as exc:
@@ -208,7 +208,7 @@ def _refuse(info: FileInfo, allow_newer: bool = False):
         raise DatabaseError(f"{info.path}: {info.what}; left unchanged")
     if info.unknown and not allow_newer:
         raise DatabaseError(f"{info.path}: the database is newer than this code (unknown migration "
-                            f"{', '.join(info.unknown)}); upgrade dinov2-retrieval to use it")
+                            f"{', '.join(info.unknown)}); upgrade dinov2-gallery to use it")
 
 
 def open_readonly(path, *, allow_newer: bool = False):

@@ -213,7 +213,7 @@ def _migrations(conn, ctx) -> Check:
         ctx["newer"] = True
         return Check("migrations", "problem", detail=f"the database holds migrations this code does not know: "
                      f"{', '.join(unknown)}", count=len(unknown), examples=unknown[:EXAMPLES],
-                     repair="upgrade dinov2-retrieval (the database is newer than this code); nothing is repaired")
+                     repair="upgrade dinov2-gallery (the database is newer than this code); nothing is repaired")
     if pending:
         return Check("migrations", "problem", detail=f"{len(applied)} of {len(available)} applied; pending: "
                      f"{', '.join(pending)}", count=len(pending), examples=pending[:EXAMPLES],

@@ -230,7 +230,7 @@ def _pyarrow():
         import pyarrow.parquet as pq
     except ImportError:
         raise MissingDependency(
-            "Parquet export needs pyarrow: pip install 'dinov2-retrieval[parquet]' (or pip install pyarrow)"
+            "Parquet export needs pyarrow: pip install 'dinov2-gallery[parquet]' (or pip install pyarrow)"
         ) from None
     return pa, pq
 

@@ -89,7 +89,7 @@ from retrieval.safety import clean_text, redact_text
 __all__ = ["FetchConfig", "FetchResult", "Fetcher", "MemoryBudget", "fetch_many", "make_session",
            "parse_retry_after", "DEFAULT_USER_AGENT"]
 
-DEFAULT_USER_AGENT = f"dinov2-retrieval/{__version__} (image search indexer; python-requests/{requests.__version__})"
+DEFAULT_USER_AGENT = f"dinov2-gallery/{__version__} (image search indexer; python-requests/{requests.__version__})"
 # no AVIF/HEIC: ask for what the decoder (Pillow) reads everywhere
 DEFAULT_ACCEPT = "image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
 _REDIRECTS = (301, 302, 303, 307, 308)

@@ -156,7 +156,7 @@ def _content_range_total(value: str | None) -> tuple[int | None, int | None]:
 def _fetch(url: str, part: Path, bar: _Progress) -> None:
     """One HTTP request appending to (or restarting) ``part``; raises _Interrupted on a dropped body."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "dinov2-retrieval", "Accept-Encoding": "identity"}
+    headers = {"User-Agent": "dinov2-gallery", "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:

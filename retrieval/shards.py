@@ -157,7 +157,7 @@ def read_info(path) -> dict:
 
 def _parse_info(path, meta) -> dict:
     if META_KEY not in meta:
-        raise InputError(f"{path}: a Parquet file without shard metadata (not written by dinov2-retrieval)")
+        raise InputError(f"{path}: a Parquet file without shard metadata (not written by dinov2-gallery)")
     info = json.loads(meta[META_KEY])
     if info.get("version") != VERSION:
         raise InputError(f"{path}: shard format version {info.get('version')!r}, this code reads {VERSION}")

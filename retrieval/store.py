@@ -43,14 +43,14 @@ from .errors import DatabaseError, ModelMismatchError
 
 def _migrations_dir() -> Path:
     """The checkout's ``migrations/`` (a source tree or an editable install), else the copy a wheel
-    installs as data files under ``<prefix>/share/dinov2-retrieval/migrations`` (pyproject.toml)."""
+    installs as data files under ``<prefix>/share/dinov2-gallery/migrations`` (pyproject.toml)."""
     import sysconfig
 
     checkout = Path(__file__).resolve().parent.parent / "migrations"
     installed = []
     for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
         try:
-            installed.append(Path(sysconfig.get_path("data", scheme)) / "share" / "dinov2-retrieval" / "migrations")
+            installed.append(Path(sysconfig.get_path("data", scheme)) / "share" / "dinov2-gallery" / "migrations")
         except KeyError:  # a scheme this platform does not have
             pass
     return next((d for d in [checkout, *installed] if d.is_dir()), checkout)
@@ -335,14 +335,14 @@ def migrate(conn, upto: int | None = None, directory=None) -> list[str]:
     known = available_migrations(directory)
     if not known:
         raise DatabaseError(f"no migration files in {Path(directory) if directory is not None else MIGRATIONS_DIR}: "
-                            "the installation is incomplete; reinstall dinov2-retrieval")
+                            "the installation is incomplete; reinstall dinov2-gallery")
     names = [name for name, _ in known]
     applied = applied_migrations(conn)
     unknown = [name for name in applied if name not in names]
     if unknown:
         raise DatabaseError(
             f"{db_name(conn)}: the database is newer than this code (unknown migration "
-            f"{', '.join(unknown)}); upgrade dinov2-retrieval to use it"
+            f"{', '.join(unknown)}); upgrade dinov2-gallery to use it"
         )
     wanted = known if upto is None else known[:upto]
     if all(name in applied for name, _ in wanted):

@@ -46,7 +46,7 @@ def test_200_returns_the_bytes(http_server, fetcher):
     assert r.ok and r.data == JPEG and r.reason is None and r.tag is None
     assert (r.http_status, r.content_type, r.attempts, r.key, r.url, r.final_url) == (200, "image/jpeg", 1, 7, url, url)
     headers = http_server.requests[-1][2]
-    assert headers["User-Agent"].startswith("dinov2-retrieval/") and "image/" in headers["Accept"]
+    assert headers["User-Agent"].startswith("dinov2-gallery/") and "image/" in headers["Accept"]
 
 
 def test_html_with_200_is_returned_as_data(http_server, fetcher):

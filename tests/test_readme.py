@@ -142,7 +142,7 @@ def test_a_wheel_install_finds_its_migrations(tmp_path):
     work.mkdir()
     (work / "images.csv").write_text("url\n" + "".join(f"{p}\n" for p in sorted((ROOT / "demo_data" / "images").glob("*.jpg"))))
     # the CSV names files outside its own folder: --files-root allows that folder (issue 10's confinement)
-    proc = subprocess.run([str(venv / "bin" / "dinov2-retrieval"), "ingest", "--csv", "images.csv", "--db", "g.db",
+    proc = subprocess.run([str(venv / "bin" / "dinov2-gallery"), "ingest", "--csv", "images.csv", "--db", "g.db",
                            "--files-root", str(ROOT / "demo_data" / "images")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_a_python_whose_sqlite3_loads_extensions_uses_it(tmp_path):
     images = sorted((ROOT / "demo_data" / "images").glob("*.jpg"))
     csv, db = tmp_path / "images.csv", tmp_path / "g.db"
     csv.write_text("url\n" + "".join(f"{p}\n" for p in images))
-    tool = str(venv / "bin" / "dinov2-retrieval")
+    tool = str(venv / "bin" / "dinov2-gallery")
     root = ["--files-root", str(ROOT / "demo_data" / "images")]  # the CSV names files outside its folder
     proc = subprocess.run([tool, "ingest", "--csv", str(csv), "--db", str(db), *root], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
