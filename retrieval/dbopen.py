@@ -220,8 +220,6 @@ def open_readonly(path, *, allow_newer: bool = False):
     that needs a newer table or column fails with a SQLite error that :func:`explain` turns into the
     command that upgrades it. A database newer than this code is refused unless ``allow_newer`` (doctor).
     """
-    import sqlite_vec
-
     from . import store
 
     path = Path(path)
@@ -234,11 +232,7 @@ def open_readonly(path, *, allow_newer: bool = False):
     conn.path = str(path)
     conn.pending_migrations = info.pending
     try:
-        conn.enable_load_extension(True)
-        try:
-            sqlite_vec.load(conn)
-        finally:
-            conn.enable_load_extension(False)
+        store.load_vec(conn)
         conn.execute(f"PRAGMA busy_timeout = {int(store.BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA query_only = ON")
         conn.row_factory = store._driver().Row

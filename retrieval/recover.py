@@ -232,13 +232,7 @@ def recover(source, target, *, time_limit: float = 3600.0) -> Recovery:
     deadline = time.monotonic() + time_limit
     src = _raw_readonly(source)
     try:
-        src.enable_load_extension(True)
-        try:
-            import sqlite_vec
-
-            sqlite_vec.load(src)
-        finally:
-            src.enable_load_extension(False)
+        store.load_vec(src)
         try:
             schema = src.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid").fetchall()
         except store.SQLITE_ERRORS as exc:
@@ -276,13 +270,7 @@ def _build(src, tmp: Path, schema, report: Recovery, deadline: float) -> None:
     driver = store._driver()
     dst = driver.connect(str(tmp), isolation_level=None)
     try:
-        dst.enable_load_extension(True)
-        try:
-            import sqlite_vec
-
-            sqlite_vec.load(dst)
-        finally:
-            dst.enable_load_extension(False)
+        store.load_vec(dst)
         dst.execute("PRAGMA journal_mode = OFF")
         dst.execute("PRAGMA synchronous = OFF")
         dst.execute("PRAGMA foreign_keys = OFF")

@@ -143,6 +143,15 @@ def db_name(conn) -> str:
     return "database"  # pragma: no cover
 
 
+def load_vec(conn) -> None:
+    """Load the sqlite-vec extension into ``conn`` (extension loading is switched off again after)."""
+    conn.enable_load_extension(True)
+    try:
+        sqlite_vec.load(conn)
+    finally:
+        conn.enable_load_extension(False)
+
+
 def connect(path, *, apply_migrations: bool = True, readonly: bool = False):
     """Open (creating if needed) the gallery database at ``path`` and bring its schema up to date.
 
@@ -168,11 +177,7 @@ def connect(path, *, apply_migrations: bool = True, readonly: bool = False):
         raise DatabaseError(f"{name}: cannot open database: {exc}") from None
     conn.path = name
     try:
-        conn.enable_load_extension(True)
-        try:
-            sqlite_vec.load(conn)
-        finally:
-            conn.enable_load_extension(False)
+        load_vec(conn)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         _enable_wal(conn)  # reads the header: fails on a non-database
         conn.execute("PRAGMA foreign_keys = ON")
