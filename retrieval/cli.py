@@ -497,7 +497,7 @@ def merge(
     status = "crashed"
     m = S.MergeSummary()
     try:
-        m = S.merge(conn, source)
+        m = S.merge(conn, source, bulk=True)
         status = "completed"
     except store.SQLITE_ERRORS as exc:
         raise DatabaseError(f"{db_path}: cannot write the database ({exc}; is the disk full?)") from exc

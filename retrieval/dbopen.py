@@ -85,6 +85,10 @@ def explain(path, exc) -> DatabaseError:
         return DatabaseError(f"{path}: the gallery's schema is older than this code needs ({text}); upgrade it "
                              f"with: {upgrade_command(path)} (or any ingest into it)")
     if "readonly" in text.replace("-", "").replace(" ", "").lower():
+        journal = Path(f"{path}-journal")
+        if journal.is_file() and journal.stat().st_size > 0:  # SQLITE_READONLY_ROLLBACK
+            return DatabaseError(f"{path}: an interrupted write left {journal.name}, which only a writer can roll "
+                                 f"back: run {upgrade_command(path)} (or re-run the interrupted command)")
         return DatabaseError(f"{path}: cannot write the database ({text})")
     return DatabaseError(f"{path}: database error: {text}")
 

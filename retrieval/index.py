@@ -403,16 +403,20 @@ def insert_many(conn, rows) -> None:
     """Insert ``(image_id, float32 bytes)`` pairs, each with its list (one matrix product for all of them,
     one executemany), inside the caller's transaction. The rows must not exist."""
     rows = list(rows)
-    if not rows:
+    if rows:
+        insert_array(conn, [i for i, _ in rows], np.stack([np.frombuffer(blob, "<f4") for _, blob in rows]))
+
+
+def insert_array(conn, image_ids, vectors: np.ndarray) -> None:
+    """Insert the rows of ``vectors`` (n, D) float32 under ``image_ids`` (n,), each with its list, inside
+    the caller's transaction (as :func:`insert_many`, without a bytes object per vector)."""
+    if not len(image_ids):
         return
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, D); each row is bound as a blob
     cent = load_centroids(conn)
-    if cent is None:
-        lists = [0] * len(rows)
-    else:
-        vecs = np.stack([np.frombuffer(blob, "<f4") for _, blob in rows])  # (n, D)
-        lists = assign(cent, vecs).tolist()
+    lists = [0] * len(image_ids) if cent is None else assign(cent, vectors).tolist()
     conn.executemany(f"INSERT INTO {TABLE} (image_id, list, embedding) VALUES (?, ?, ?)",
-                     [(int(i), int(lst), blob) for (i, blob), lst in zip(rows, lists)])
+                     zip(map(int, image_ids), lists, vectors))
 
 
 def delete(conn, image_ids) -> int:

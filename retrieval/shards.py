@@ -33,14 +33,16 @@ import json
 import os
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from . import store
+from . import index, store
 from .errors import ConfigError, InputError
 
 VERSION = 1
@@ -217,17 +219,16 @@ def merged_ids(conn) -> set[str]:
     return {r[0] for r in conn.execute("SELECT shard_id FROM merged_shards")}
 
 
-_INSERT = ("INSERT INTO images (id, url, url_hash, status, error, attempts, http_status, content_sha256, "
-           "duplicate_of, width, height, format, bytes, path, mtime, meta, created_at, updated_at) "
-           "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_COLUMNS = ("id, url, url_hash, status, error, attempts, http_status, content_sha256, duplicate_of, width, "
+            "height, format, bytes, path, mtime, meta, created_at, updated_at")
 
 
-def _insert_vectors(conn, rows: list) -> None:
-    """``(image_id, float32 bytes)`` pairs into ``image_embeddings``: the one place the merge writes vectors,
-    each into its search-index list (retrieval/index.py)."""
-    from . import index
-
-    index.insert_many(conn, rows)
+def _insert_sql(status: str) -> str:
+    """The INSERT of the merge's new rows of one status: bound are id, url, url_hash, error, http_status,
+    content_sha256, duplicate_of, width, height, format, bytes, path, mtime, meta, and the time twice
+    (?15 for created_at and updated_at)."""
+    return (f"INSERT INTO images ({_COLUMNS}) VALUES "
+            f"(?1, ?2, ?3, '{status}', ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)")
 
 
 def _tag(error: str) -> str:
@@ -257,8 +258,11 @@ def _check_vectors(path, vecs: np.ndarray, ok: np.ndarray) -> None:
         raise InputError(f"{path}: a vector that is not L2-normalised (norm {norms[np.argmax(np.abs(norms - 1))]:.6f})")
 
 
-def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
-    """Apply one shard's rows inside the caller's transaction."""
+def _prepare(path, info: dict, table) -> tuple[dict, np.ndarray]:
+    """A shard table as plain columns (``name -> list``, plus ``rest``: per row the tuple of columns the merge
+    binds after id, url, url_hash and error) and its vectors (n, D), checked: InputError naming the file for
+    an ok row without a vector, a vector that is not finite or not unit length, or an unknown status. Needs
+    no database: the reader thread runs it while the merge inserts the shard before."""
     cols = {name: table.column(name).to_pylist() for name in COLUMNS if name != "vector"}
     n = len(cols["url"])
     dim = int(info["model"]["dim"])
@@ -272,6 +276,15 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
     bad = sorted({s for s in status} - {"ok", "failed", "duplicate"})
     if bad:
         raise InputError(f"{path}: unknown status {bad[0]!r}")
+    cols["rest"] = list(zip(cols["http_status"], cols["content_sha256"], [None] * n, cols["width"], cols["height"],
+                            cols["format"], cols["bytes"], cols["path"], cols["mtime"], cols["meta"]))
+    return cols, vecs
+
+
+def _merge_table(conn, path, info: dict, cols: dict, vecs: np.ndarray, summary: MergeSummary) -> None:
+    """Apply one shard's rows (as :func:`_prepare` gives them) inside the caller's transaction."""
+    n = len(cols["url"])
+    status = cols["status"]
     summary.rows += n
     known = store.known(conn, cols["url_hash"])
     now = store._now()
@@ -283,8 +296,7 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
     seen: set[str] = set()
     fast: list[int] = []
     slow_outcomes, slow_rows = [], []
-    for i in range(n):
-        h = cols["url_hash"][i]
+    for i, h in enumerate(cols["url_hash"]):
         k = known.get(h)
         if h in seen or (k is not None and k["status"] in ("ok", "duplicate")):
             summary.skipped += 1
@@ -305,37 +317,45 @@ def _merge_table(conn, path, info: dict, table, summary: MergeSummary) -> None:
         for o, (_, st) in zip(slow_outcomes, store.commit_batch(conn, slow_outcomes)):
             _count(summary, o["status"], st, o.get("error"))
 
-    holders = _holders(conn, (cols["content_sha256"][i] for i in fast if status[i] != "failed"))
-    next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]) + 1
-    ok_rows, vec_rows, dup_rows, failed_rows = [], [], [], []
-    for i in fast:
-        sha = cols["content_sha256"][i]
-        base = (cols["url"][i], cols["url_hash"][i])
-        rest = (cols["width"][i], cols["height"][i], cols["format"][i], cols["bytes"][i], cols["path"][i],
-                cols["mtime"][i], cols["meta"][i], now, now)
-        if status[i] == "failed":
-            failed_rows.append((next_id, *base, "failed", cols["error"][i], cols["http_status"][i], sha, None, *rest))
-            summary.failed += 1
-            tag = _tag(cols["error"][i] or "")
-            summary.reasons[tag] = summary.reasons.get(tag, 0) + 1
-        elif sha in holders:
-            dup_rows.append((next_id, *base, "duplicate", None, cols["http_status"][i], sha, holders[sha], *rest))
-            summary.duplicate += 1
-        elif status[i] == "duplicate":
-            raise InputError(f"{path}: row {cols['url'][i]} is a duplicate of content no ok row holds")
-        else:
-            holders[sha] = next_id
-            ok_rows.append((next_id, *base, "ok", None, cols["http_status"][i], sha, None, *rest))
-            vec_rows.append((next_id, vecs[i].tobytes()))
-            summary.new += 1
-        next_id += 1
-    # ok rows first: duplicates refer to them (foreign key)
-    conn.executemany(_INSERT, ok_rows)
-    _insert_vectors(conn, vec_rows)
-    conn.executemany(_INSERT, dup_rows)
-    conn.executemany(_INSERT, failed_rows)
+    _insert_new(conn, path, cols, vecs, fast, now, summary)
     conn.execute("INSERT INTO merged_shards (shard_id, name, rows, merged_at) VALUES (?, ?, ?, ?)",
                  (info["shard_id"], Path(path).name, n, now))
+
+
+def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, summary: MergeSummary) -> None:
+    """Insert the rows ``fast`` (indexes into the shard's columns) of URLs the gallery does not know: ok rows
+    with their vectors, duplicates of the ok row holding their bytes (in the gallery or earlier in the
+    merge), failures. Ids follow the gallery's largest, in the shard's order."""
+    status, sha, error = cols["status"], cols["content_sha256"], cols["error"]
+    holders = _holders(conn, (sha[i] for i in fast if status[i] != "failed"))
+    next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]) + 1
+    rest = cols["rest"]  # the bound columns after id, url, url_hash and error (see _insert_sql)
+    url, url_hash = cols["url"], cols["url_hash"]
+    ok_rows, ok_at, dup_rows, failed_rows = [], [], [], []
+    for i in fast:
+        st, h = status[i], sha[i]
+        if st == "failed":
+            failed_rows.append((next_id, url[i], url_hash[i], error[i], *rest[i], now))
+            tag = _tag(error[i] or "")
+            summary.reasons[tag] = summary.reasons.get(tag, 0) + 1
+        elif h in holders:
+            r = rest[i]
+            dup_rows.append((next_id, url[i], url_hash[i], None, r[0], r[1], holders[h], *r[3:], now))
+        elif st == "duplicate":
+            raise InputError(f"{path}: row {url[i]} is a duplicate of content no ok row holds")
+        else:
+            holders[h] = next_id
+            ok_rows.append((next_id, url[i], url_hash[i], None, *rest[i], now))
+            ok_at.append(i)
+        next_id += 1
+    summary.new += len(ok_rows)
+    summary.duplicate += len(dup_rows)
+    summary.failed += len(failed_rows)
+    # ok rows first: duplicates refer to them (foreign key); each vector into its search-index list
+    conn.executemany(_insert_sql("ok"), ok_rows)
+    index.insert_array(conn, [r[0] for r in ok_rows], vecs[ok_at])
+    conn.executemany(_insert_sql("duplicate"), dup_rows)
+    conn.executemany(_insert_sql("failed"), failed_rows)
 
 
 def _count(summary: MergeSummary, wanted: str, recorded: str, error: str | None) -> None:
@@ -352,75 +372,128 @@ def _count(summary: MergeSummary, wanted: str, recorded: str, error: str | None)
 
 
 def merge(conn, source, *, transaction_rows: int = TRANSACTION_ROWS,
-          progress: Callable[[MergeSummary], None] | None = None) -> MergeSummary:
+          progress: Callable[[MergeSummary], None] | None = None, bulk: bool = False) -> MergeSummary:
     """Merge the shards of ``source`` (a directory, a file, or a list of files) into the gallery at ``conn``,
     in name order, several shards per transaction (up to ``transaction_rows`` rows). Shards already merged
     are passed over. The first shard's model is recorded (``store.ensure_model``) if the gallery has none;
-    a shard made by another model is refused (ModelMismatchError), before anything of it is written."""
-    files: Iterable[Path] = shard_files(source)
+    a shard made by another model is refused (ModelMismatchError), before anything of it is written (the
+    shards of the open transaction are not merged either).
+
+    ``bulk=True`` (``cli.py merge``): when no other connection has the gallery open, the merge writes through
+    a rollback journal instead of the WAL, so each page is written once rather than to the WAL and then
+    again by the checkpoint (:func:`_bulk_journal`); the gallery is back in WAL mode when the merge ends."""
+    files = shard_files(source)
     summary = MergeSummary()
     started = time.monotonic()
     done = merged_ids(conn)
     models: set[str] = set()
-    pending: list[tuple[Path, dict, object]] = []
-    pending_rows = 0
+    part, batch = MergeSummary(), []  # what the open transaction holds: its counts, its shard ids
 
-    def flush():
-        nonlocal pending_rows
-        if not pending:
+    def commit():
+        nonlocal part
+        if not batch:
             return
-        part = MergeSummary()
-        with store.transaction(conn):
-            for path, info, table in pending:
-                _merge_table(conn, path, info, table, part)
-                part.shards += 1
+        conn.execute("COMMIT")
         summary.add(part)
         if summary.rows // CHECKPOINT_ROWS != (summary.rows - part.rows) // CHECKPOINT_ROWS:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        done.update(info["shard_id"] for _, info, _ in pending)
-        pending.clear()
-        pending_rows = 0
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # a no-op out of WAL mode
+        done.update(batch)
+        part, batch[:] = MergeSummary(), []
         summary.seconds = time.monotonic() - started
         if progress:
             progress(summary)
 
+    with _merge_pragmas(conn, bulk), _read_ahead(files, done) as loaded:
+        try:
+            for path, info, shard in loaded:
+                if shard is None or info["shard_id"] in done or info["shard_id"] in batch:
+                    summary.already += 1
+                    continue
+                if not conn.in_transaction:
+                    conn.execute("BEGIN IMMEDIATE")
+                key = json.dumps(info["model"], sort_keys=True)
+                if key not in models:
+                    store.ensure_model(conn, info["model"])  # joins the open transaction
+                    models.add(key)
+                _merge_table(conn, path, info, *shard, part)
+                part.shards += 1
+                batch.append(info["shard_id"])
+                if part.rows >= transaction_rows:
+                    commit()
+            commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+@contextmanager
+def _read_ahead(files: list, done: set, depth: int = 2):
+    """Yield ``(path, info, (columns, vectors))`` per file (None for a shard in ``done``), read and checked
+    (:func:`_prepare`) by a thread ``depth`` files ahead of the caller: Parquet decoding and SQLite release
+    the GIL, so the next shards are read while SQLite inserts this one."""
     def load(path):
         info = read_info(path)
         if info["shard_id"] in done:
-            return info, None
-        return info, read_shard(path)[1]
+            return path, info, None
+        return path, info, _prepare(path, info, read_shard(path)[1])
 
-    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
-    conn.execute(f"PRAGMA cache_size = {-MERGE_CACHE_KIB}")
-    # no checkpoint after every transaction (pages that every transaction rewrites, such as vec0's chunks,
-    # would be copied into the database each time): one every CHECKPOINT_ROWS rows (the WAL stays bounded)
-    # and one at the end
-    autockpt = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-    conn.execute("PRAGMA wal_autocheckpoint = 0")
-    # the next shard is read (Parquet decoding releases the GIL) while SQLite inserts this one
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
+    ahead = deque(reader.submit(load, f) for f in files[:depth])
+
+    def tables():
+        for k in range(len(files)):
+            loaded = ahead.popleft().result()
+            if k + depth < len(files):
+                ahead.append(reader.submit(load, files[k + depth]))
+            yield loaded
+
     try:
-        files = list(files)
-        ahead = reader.submit(load, files[0]) if files else None
-        for k, path in enumerate(files):
-            info, table = ahead.result()
-            ahead = reader.submit(load, files[k + 1]) if k + 1 < len(files) else None
-            if table is None or info["shard_id"] in done or any(info["shard_id"] == i["shard_id"] for _, i, _ in pending):
-                summary.already += 1
-                continue
-            key = json.dumps(info["model"], sort_keys=True)
-            if key not in models:
-                store.ensure_model(conn, info["model"])
-                models.add(key)
-            pending.append((path, info, table))
-            pending_rows += table.num_rows
-            if pending_rows >= transaction_rows:
-                flush()
-        flush()
+        yield tables()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _merge_pragmas(conn, bulk: bool):
+    """The merge's connection settings, restored after: a page cache large enough for vec0's chunk blobs
+    (which every insert rewrites), no automatic checkpoint after each transaction (a checkpoint every
+    CHECKPOINT_ROWS rows and one at the end keep the WAL bounded), and with ``bulk`` a rollback journal."""
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    autockpt = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size = {-MERGE_CACHE_KIB}")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    journal = _bulk_journal(conn) if bulk else None
+    try:
+        yield
+    finally:
+        if journal is not None:
+            conn.execute(f"PRAGMA synchronous = {int(journal)}")
+            store._enable_wal(conn)
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(autockpt)}")
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         conn.execute(f"PRAGMA cache_size = {int(cache)}")
-    summary.seconds = time.monotonic() - started
-    return summary
+
+
+def _bulk_journal(conn):
+    """Leave WAL mode for a rollback journal (``synchronous = FULL``: a commit is durable, a crash rolls
+    back to the last one) if no other connection has the gallery open; SQLite refuses the switch
+    otherwise, at once (no busy wait here), and the merge keeps the WAL. Returns the ``synchronous``
+    value to restore, or None when the journal mode was not changed."""
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        return None
+    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        mode = str(conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]).lower()
+    except store.SQLITE_ERRORS:  # another connection has the database open
+        return None
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+    if mode != "delete":
+        return None
+    conn.execute("PRAGMA synchronous = FULL")
+    return sync

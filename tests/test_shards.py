@@ -212,6 +212,56 @@ def test_bad_shards_are_refused_naming_the_file(gallery, tmp_path):
     assert dump(gallery) == state
 
 
+def _bulk_rows(start: int) -> list[dict]:
+    return [ok(start), ok(start + 1), ok(start + 2, content=f"{start:064x}"), failed(start)]
+
+
+def test_bulk_merge_writes_what_a_wal_merge_writes_and_leaves_the_gallery_in_wal(tmp_path):
+    d = tmp_path / "shards"
+    for k in range(3):
+        shard(d, f"s{k}", _bulk_rows(10 * k + 10))
+    results = {}
+    for bulk in (False, True):
+        conn = store.connect(tmp_path / f"g-{bulk}.db")
+        modes = []
+        m = S.merge(conn, d, transaction_rows=4, bulk=bulk,  # several transactions
+                    progress=lambda _: modes.append(conn.execute("PRAGMA journal_mode").fetchone()[0]))
+        assert modes == ["delete" if bulk else "wal"] * 3
+        assert (m.shards, m.new, m.duplicate, m.failed) == (3, 6, 3, 3)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again
+        assert store.check(conn) == []
+        results[bulk] = {k: v for k, v in dump(conn).items() if k != "merged"}
+        results[bulk]["images"] = [r[:-2] for r in results[bulk]["images"]]  # created_at, updated_at
+        conn.close()
+        assert not Path(f"{tmp_path}/g-{bulk}.db-journal").exists()
+    assert results[True] == results[False]
+
+
+def test_bulk_merge_keeps_the_wal_while_another_connection_reads(gallery, tmp_path):
+    reader = store.connect(gallery.path, readonly=True)
+    try:
+        assert reader.execute("SELECT count(*) FROM images").fetchone()[0] == 3
+        assert S._bulk_journal(gallery) is None  # SQLite refuses to leave WAL mode while the reader is open
+        m = S.merge(gallery, [shard(tmp_path / "s", "a", _bulk_rows(40))], bulk=True)
+        assert m.new == 2
+        assert gallery.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert reader.execute("SELECT count(*) FROM images").fetchone()[0] == 7  # read through the WAL
+    finally:
+        reader.close()
+
+
+def test_a_refused_bulk_merge_changes_nothing(gallery, tmp_path):
+    d = tmp_path / "s"
+    shard(d, "a", _bulk_rows(50))
+    bad = shard(d, "b", [ok(60), {**ok(61), "vector": unit(61) * 3}])
+    state = dump(gallery)
+    with pytest.raises(InputError, match=f"{bad.name}: a vector that is not L2-normalised"):
+        S.merge(gallery, d, bulk=True)  # a and b in one transaction: neither is merged
+    assert dump(gallery) == state
+    assert gallery.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_shards_are_written_atomically_and_hidden_files_are_ignored(tmp_path):
     d = tmp_path / "s"
     shard(d, "b", [ok(1)])
@@ -255,6 +305,46 @@ def test_cli_merge_twice(tmp_path):
     runs = [dict(r) for r in conn.execute("SELECT source, status, new FROM runs ORDER BY id")]
     assert runs == [{"source": str(d), "status": "completed", "new": 2},
                     {"source": str(d), "status": "completed", "new": 0}]
+
+
+CRASH_IN_A_BULK_WRITE = """
+import os, signal, sys
+from retrieval import store
+conn = store.connect(sys.argv[1])
+assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"  # as a bulk merge runs
+conn.execute("PRAGMA cache_size = 10")  # modified pages spill into the database file before the commit
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("UPDATE images SET meta = hex(randomblob(1500))")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_bulk_write_killed_mid_transaction_is_named_then_rolled_back(tmp_path):
+    d = tmp_path / "shards"
+    shard(d, "a", [ok(i) for i in range(1, 400)])
+    db = tmp_path / "g.db"
+    conn = store.connect(db)
+    S.merge(conn, d, bulk=True)
+    state = dump(conn)
+    conn.close()
+    killed = subprocess.run([sys.executable, "-c", CRASH_IN_A_BULK_WRITE, str(db)], cwd=ROOT, timeout=60)
+    assert killed.returncode == -9
+    assert Path(f"{db}-journal").stat().st_size > 0
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "cli.py", *args, "--db", str(db)], cwd=ROOT, env=cli_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    stats = cli("stats")  # a reader cannot roll the journal back: one line naming it and the fix
+    assert stats.returncode != 0
+    assert stats.stderr.strip().splitlines() == [
+        f"Error: {db}: an interrupted write left g.db-journal, which only a writer can roll back: run "
+        f"python cli.py doctor --db {db} --repair (or re-run the interrupted command)"], stats.stderr
+    assert cli("doctor", "--repair").returncode == 0
+    assert cli("stats").returncode == 0
+    conn = store.connect(db)
+    assert dump(conn) == state
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_cli_merge_names_a_missing_folder_and_creates_nothing(tmp_path):
