@@ -21,9 +21,13 @@ What it does, in ONE run (the figures side by side on the same, possibly busy, m
      - whole process: images / wall seconds of the subprocess (interpreter, imports, Ray start-up, ...).
    The headline is the median over rounds of Ray's run-timed images/s / the local run-timed images/s.
 3. Merge: ``--merge-rows`` synthetic rows (90% ok with a vector of the variant's width, 5% the same bytes as
-   an earlier row, 5% failed) in shards of 10,000 rows, merged by ``cli.py merge`` into (a) a fresh gallery
-   (the vec0 table as ``store`` creates it today) and (b) a fresh gallery whose vec0 table was created with
-   ``chunk_size=128`` (the layout the search-index slice moves to), then merged a second time (nothing to do).
+   an earlier row, 5% failed) in shards of 10,000 rows, merged by ``cli.py merge`` into a fresh gallery
+   ``--merge-rounds`` times (the median is the figure), then a second time into the last one (nothing to do);
+   for scale, the same number of vectors inserted alone into a fresh vectors table. With ``--merge-into DB``
+   also once into a copy of DB, e.g. the 1M gallery ``bench/bench_search.py --keep`` leaves (its index
+   trained: the inserts go to 1,000 lists):
+
+       .venv/bin/python bench/bench_ray.py --merge-only --merge-into /tmp/bsfull/g1m.db
 
 Prints a Markdown table. Nothing is written outside a temporary folder (``--keep DIR`` to keep it).
 """
@@ -103,7 +107,8 @@ def ingest_round(work: Path, k: int, csv: Path, weights: Path, bs: int, block_ro
     return out
 
 
-def make_shards(directory: Path, rows: int, dim: int, record: dict, per_shard: int = 10_000) -> None:
+def make_shards(directory: Path, rows: int, dim: int, record: dict, per_shard: int = 10_000,
+                content_prefix: str = "") -> None:
     rng = np.random.default_rng(0)
     seq = 0
     for s in range(0, rows, per_shard):
@@ -114,7 +119,7 @@ def make_shards(directory: Path, rows: int, dim: int, record: dict, per_shard: i
         for i in range(n):
             j = seq + i
             kind = j % 20
-            url = f"https://images.example.com/{j:09d}.jpg"
+            url = f"https://merge.example.com/{j:09d}.jpg"
             cols["seq"].append(j)
             cols["url"].append(url)
             cols["url_hash"].append(store.url_hash(url))
@@ -132,7 +137,7 @@ def make_shards(directory: Path, rows: int, dim: int, record: dict, per_shard: i
             cols["status"].append("ok")
             cols["error"].append(None)
             cols["http_status"].append(200)
-            cols["content_sha256"].append(f"{content:064x}")
+            cols["content_sha256"].append(content_prefix + f"{content:064x}"[len(content_prefix):])
             cols["width"].append(640)
             cols["height"].append(480)
             cols["format"].append("JPEG")
@@ -143,51 +148,58 @@ def make_shards(directory: Path, rows: int, dim: int, record: dict, per_shard: i
         seq += n
 
 
-def merge_bench(work: Path, rows: int, dim: int, record: dict) -> list[dict]:
+def vec0_alone(work: Path, rows: int, dim: int, record: dict) -> float:
+    """For scale: ``rows`` vectors inserted alone (one executemany, one transaction) into the vectors table of
+    a fresh gallery (the store's layout), with the merge's page cache. Rows/s."""
+    conn = store.connect(work / "alone.db")
+    store.ensure_model(conn, record)
+    conn.execute(f"PRAGMA cache_size = {-S.MERGE_CACHE_KIB}")
+    vec = np.random.default_rng(1).standard_normal(dim).astype("<f4").tobytes()
+    t = time.perf_counter()
+    with store.transaction(conn):
+        conn.executemany("INSERT INTO image_embeddings (image_id, list, embedding) VALUES (?, 0, ?)",
+                         ((i + 1, vec) for i in range(rows)))
+    alone = rows / (time.perf_counter() - t)
+    conn.close()
+    return alone
+
+
+def merge_bench(work: Path, rows: int, dim: int, record: dict, rounds: int, into: Path | None) -> list[dict]:
+    """``cli.py merge`` of ``rows`` synthetic rows into a fresh gallery, ``rounds`` times (then once more into
+    the last one: nothing to do), and with ``into`` once into a copy of that gallery (its model's record)."""
     shards_dir = work / "merge_shards"
     t = time.perf_counter()
     make_shards(shards_dir, rows, dim, record)
     print(f"  {rows} synthetic rows written as shards in {time.perf_counter() - t:.1f} s", flush=True)
     results = []
-    layouts = ["today's vec0 table", "vec0 chunk_size=128"]
-    try:  # with the search index (retrieval/index.py) the store makes its own layout: measure that one only
-        import retrieval.index  # noqa: F401
-
-        layouts = ["the store's vec0 table"]
-    except ImportError:
-        pass
-    for layout in layouts:
-        db = work / f"merge-{len(results)}.db"
-        if "128" in layout:
-            conn = store.connect(db)
-            conn.execute(f"CREATE VIRTUAL TABLE image_embeddings USING vec0(image_id INTEGER PRIMARY KEY, "
-                         f"embedding float[{dim}] distance_metric=cosine, chunk_size=128)")
-            conn.close()
-        first, wall1 = run_cli(["merge", str(shards_dir), "--db", str(db)], work)
-        second, wall2 = run_cli(["merge", str(shards_dir), "--db", str(db)], work)
-        conn = store.connect(db)
-        counts = store.stats(conn)["counts"]
+    for k in range(rounds):
+        db = work / f"merge-{k}.db"
+        first, wall = run_cli(["merge", str(shards_dir), "--db", str(db)], work)
+        results.append({"into": "a fresh gallery", "rows": first["rows"], "rows_per_s": first["rows_per_s"],
+                        "seconds": first["seconds"], "wall": wall, "counts": first})
+        print(f"  merge {k + 1} into a fresh gallery: {first['rows']} rows in {first['seconds']:.2f} s = "
+              f"{first['rows_per_s']:.0f} rows/s (new {first['new']}, duplicate {first['duplicate']}, "
+              f"failed {first['failed']})", flush=True)
+        db_last = db
+    again, _ = run_cli(["merge", str(shards_dir), "--db", str(db_last)], work)
+    results[-1]["again_s"], results[-1]["again_shards"] = again["seconds"], again["shards"]
+    results[-1]["vec0_alone"] = vec0_alone(work, rows, dim, record)
+    if into is not None:
+        big = work / "into.db"
+        shutil.copyfile(into, big)
+        conn = store.connect(big, readonly=True)
+        model = store.get_model(conn)
+        n_before = store.stats(conn)["counts"]["total"]
         conn.close()
-        # for scale: the same number of vectors inserted alone (one executemany, one transaction) into a
-        # fresh vec0 table of this layout, with the merge's page cache
-        conn = store.connect(work / f"alone-{len(results)}.db")
-        extra = ", chunk_size=128" if "128" in layout else ""
-        conn.execute(f"CREATE VIRTUAL TABLE image_embeddings USING vec0(image_id INTEGER PRIMARY KEY, "
-                     f"embedding float[{dim}] distance_metric=cosine{extra})")
-        conn.execute(f"PRAGMA cache_size = {-S.MERGE_CACHE_KIB}")
-        vec = np.random.default_rng(1).standard_normal(dim).astype("<f4").tobytes()
-        t = time.perf_counter()
-        with store.transaction(conn):
-            conn.executemany("INSERT INTO image_embeddings (image_id, embedding) VALUES (?, ?)",
-                             ((i + 1, vec) for i in range(rows)))
-        alone = rows / (time.perf_counter() - t)
-        conn.close()
-        results.append({"layout": layout, "rows_per_s": first["rows_per_s"], "seconds": first["seconds"],
-                        "wall": wall1, "again_s": second["seconds"], "again_shards": second["shards"], "vec0_alone": alone,
-                        "counts": counts})
-        print(f"  merge into {layout}: {first['rows']} rows in {first['seconds']:.2f} s = "
-              f"{first['rows_per_s']:.0f} rows/s ({counts}); again: {second['shards']} shards merged, "
-              f"{second['seconds']:.2f} s", flush=True)
+        rec = {k: model[k] for k in ("variant", "weights_sha256", "preprocess", "interpolation", "pooling", "dim")}
+        shutil.rmtree(work / "into_shards", ignore_errors=True)
+        make_shards(work / "into_shards", rows, int(rec["dim"]), rec, content_prefix="e")
+        got, wall = run_cli(["merge", str(work / "into_shards"), "--db", str(big)], work)
+        results.append({"into": f"a copy of {into.name} ({n_before:,} rows)", "rows": got["rows"],
+                        "rows_per_s": got["rows_per_s"], "seconds": got["seconds"], "wall": wall, "counts": got})
+        print(f"  merge into {into.name}: {got['rows']} rows in {got['seconds']:.2f} s = {got['rows_per_s']:.0f} "
+              f"rows/s", flush=True)
+        big.unlink()
     return results
 
 
@@ -201,6 +213,9 @@ def main() -> None:
     ap.add_argument("--merge-rows", type=int, default=100_000)
     ap.add_argument("--keep", type=Path, default=None)
     ap.add_argument("--merge-only", action="store_true", help="only the merge figures")
+    ap.add_argument("--merge-rounds", type=int, default=3, help="merges into a fresh gallery (the median is the figure)")
+    ap.add_argument("--merge-into", type=Path, default=None,
+                    help="also merge into a copy of this gallery (e.g. bench_search.py's 1M gallery --keep)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_")) if args.keep is None else args.keep
@@ -220,7 +235,8 @@ def main() -> None:
                       for k in range(args.rounds)]
         record = {"variant": args.variant, "weights_sha256": "0" * 64, "preprocess": "resize-short",
                   "interpolation": "hf", "pooling": "cls", "dim": cfg.dim}
-        merges = merge_bench(work, args.merge_rows, cfg.dim, record) if args.merge_rows else []
+        merges = (merge_bench(work, args.merge_rows, cfg.dim, record, args.merge_rounds, args.merge_into)
+                  if args.merge_rows else [])
     finally:
         server.close()
         if args.keep is None:
@@ -249,17 +265,20 @@ def main() -> None:
 
 
 def print_merges(merges: list[dict]) -> None:
-    if merges:
-        print()
-        print("| merge into | rows/s | seconds | merged again (s) | vec0 inserts alone, rows/s |")
-        print("|---|---:|---:|---:|---:|")
-        for m in merges:
-            print(f"| {m['layout']} | {m['rows_per_s']:.0f} | {m['seconds']:.2f} | {m['again_s']:.2f} | "
-                  f"{m['vec0_alone']:.0f} |")
-        best = merges[-1]["rows_per_s"]
-        print(f"merge target >= {TARGET_MERGE} rows/s: today's table "
-              f"{'met' if merges[0]['rows_per_s'] >= TARGET_MERGE else 'NOT met'}, chunk_size=128 "
-              f"{'met' if best >= TARGET_MERGE else 'NOT met'}")
+    if not merges:
+        return
+    print()
+    print("| merge into | rows | rows/s | seconds | whole process (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for m in merges:
+        print(f"| {m['into']} | {m['rows']} | {m['rows_per_s']:.0f} | {m['seconds']:.2f} | {m['wall']:.1f} |")
+    fresh = [m["rows_per_s"] for m in merges if m["into"] == "a fresh gallery"]
+    last = [m for m in merges if "again_s" in m][0]
+    med = statistics.median(fresh)
+    print(f"merged again: {last['again_shards']} shards in {last['again_s']:.2f} s; the same number of vectors "
+          f"inserted alone into a fresh vectors table: {last['vec0_alone']:.0f} rows/s")
+    print(f"merge into a fresh gallery, median of {len(fresh)}: {med:.0f} rows/s (min {min(fresh):.0f}, max "
+          f"{max(fresh):.0f}); target >= {TARGET_MERGE} rows/s: {'met' if med >= TARGET_MERGE else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 TABLE = "image_embeddings"
 CENTROIDS = "index_centroids"
 STATE = "search_index"
+LIST_INDEX = f"{TABLE}_chunks_by_list"  # migration 0008: vec0 finds a list's last chunk through it
 CHUNK_SIZE = 128
 EXACT_BELOW = 50_000  # `python cli.py index` builds an index from this many vectors on (exact search is fast below)
 KNN_MAX_K = 4096  # sqlite-vec's limit on k in a vec0 KNN query
@@ -162,6 +163,16 @@ def create_vectors_table(conn, dim: int) -> None:
     """Create ``image_embeddings`` with the current layout (store.ensure_model calls this)."""
     if not _table_exists(conn, TABLE):
         conn.execute(vectors_table_sql(dim))
+        add_list_index(conn)
+
+
+def add_list_index(conn) -> None:
+    """Index the list column of vec0's chunks shadow table (migration 0008's Python step; also run whenever
+    the table is created). vec0 looks up the chunk a new vector goes into with ``SELECT max(rowid) FROM
+    image_embeddings_chunks WHERE partition00 = ?``: without this index a scan, about 0.4 ms per insert at
+    1M vectors when inserts move between lists."""
+    if current_layout(conn) and _table_exists(conn, f"{TABLE}_chunks"):
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {LIST_INDEX} ON {TABLE}_chunks (partition00)")
 
 
 # ---------------------------------------------------------------- state
@@ -414,9 +425,17 @@ def insert_array(conn, image_ids, vectors: np.ndarray) -> None:
         return
     vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, D); each row is bound as a blob
     cent = load_centroids(conn)
-    lists = [0] * len(image_ids) if cent is None else assign(cent, vectors).tolist()
-    conn.executemany(f"INSERT INTO {TABLE} (image_id, list, embedding) VALUES (?, ?, ?)",
-                     zip(map(int, image_ids), lists, vectors))
+    if cent is None:
+        rows = zip(map(int, image_ids), [0] * len(vectors), vectors)
+    else:
+        # grouped by list: vec0 appends to a list's last chunk, whose blob each insert reopens; one list after
+        # another keeps that chunk's pages at hand (in random list order an insert into a 1M gallery costs
+        # about 0.45 ms, in list order about 0.04 ms)
+        lists = assign(cent, vectors)  # (n,)
+        order = np.argsort(lists, kind="stable")
+        ids = np.asarray(image_ids, dtype=np.int64)
+        rows = zip(ids[order].tolist(), lists[order].tolist(), vectors[order])
+    conn.executemany(f"INSERT INTO {TABLE} (image_id, list, embedding) VALUES (?, ?, ?)", rows)
 
 
 def delete(conn, image_ids) -> int:
@@ -542,6 +561,7 @@ def _rewrite(conn, dim: int, centroids: np.ndarray | None, progress=None) -> Non
         raise RuntimeError(f"index rebuild: read {staged} vectors but the table holds {n}; nothing changed")
     conn.execute(f"DROP TABLE {TABLE}")
     conn.execute(vectors_table_sql(dim))
+    add_list_index(conn)
     if centroids is not None:
         conn.execute(f"DROP TABLE IF EXISTS {CENTROIDS}")
         conn.execute(centroids_table_sql(dim))

@@ -166,18 +166,29 @@ def _parse_info(path, meta) -> dict:
     return info
 
 
+def _numpy(arr, dtype) -> np.ndarray:
+    """A primitive Arrow array as NumPy, nulls as NaN (as ``Array.to_numpy`` gives them, which imports pandas
+    the first time: half a second of a merge). Read from the array's buffers: a view when it has no nulls."""
+    n = arr.offset + len(arr)
+    data = np.frombuffer(arr.buffers()[1], dtype=dtype, count=n)[arr.offset:]
+    if arr.null_count:
+        valid = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), count=n, bitorder="little")[arr.offset:]
+        data = np.where(valid.astype(bool), data, np.nan)
+    return data
+
+
 def read_shard(path):
     """``(info, table)`` of a shard file, the table's rows in ``seq`` order."""
     _, pq = pyarrow()
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # not read_table: it imports pyarrow.dataset, and with it pandas (0.5 s)
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet shard ({exc})") from None
     info = _parse_info(path, table.schema.metadata or {})
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: shard lacks the columns {', '.join(missing)}")
-    seq = table.column("seq").to_numpy()
+    seq = _numpy(table.column("seq").combine_chunks(), np.int64)
     if seq.size > 1 and not np.all(seq[1:] >= seq[:-1]):  # shards written by raypath are in order already
         table = table.sort_by("seq")
     return info, table
@@ -223,12 +234,15 @@ _COLUMNS = ("id, url, url_hash, status, error, attempts, http_status, content_sh
             "height, format, bytes, path, mtime, meta, created_at, updated_at")
 
 
+_BODY = ("url", "url_hash", "http_status", "content_sha256", "width", "height", "format", "bytes", "path", "mtime",
+         "meta")  # a shard row's columns as the merge binds them (?1 to ?11), before id, duplicate_of, error, time
+
+
 def _insert_sql(status: str) -> str:
-    """The INSERT of the merge's new rows of one status: bound are id, url, url_hash, error, http_status,
-    content_sha256, duplicate_of, width, height, format, bytes, path, mtime, meta, and the time twice
-    (?15 for created_at and updated_at)."""
+    """The INSERT of the merge's new rows of one status: a row binds the 11 columns of ``_BODY``, then id,
+    duplicate_of, error and the time (?15, for created_at and updated_at)."""
     return (f"INSERT INTO images ({_COLUMNS}) VALUES "
-            f"(?1, ?2, ?3, '{status}', ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)")
+            f"(?12, ?1, ?2, '{status}', ?14, 1, ?3, ?4, ?13, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?15, ?15)")
 
 
 def _tag(error: str) -> str:
@@ -259,25 +273,24 @@ def _check_vectors(path, vecs: np.ndarray, ok: np.ndarray) -> None:
 
 
 def _prepare(path, info: dict, table) -> tuple[dict, np.ndarray]:
-    """A shard table as plain columns (``name -> list``, plus ``rest``: per row the tuple of columns the merge
-    binds after id, url, url_hash and error) and its vectors (n, D), checked: InputError naming the file for
+    """A shard table as plain columns (``name -> list``, plus ``body``: per row the tuple of columns the merge
+    binds first, see :func:`_insert_sql`) and its vectors (n, D), checked: InputError naming the file for
     an ok row without a vector, a vector that is not finite or not unit length, or an unknown status. Needs
     no database: the reader thread runs it while the merge inserts the shard before."""
     cols = {name: table.column(name).to_pylist() for name in COLUMNS if name != "vector"}
     n = len(cols["url"])
     dim = int(info["model"]["dim"])
     vec_col = table.column("vector").combine_chunks()
-    vecs = vec_col.values.to_numpy(zero_copy_only=False).reshape(n, dim) if n else np.empty((0, dim), np.float32)
+    vecs = _numpy(vec_col.values, np.float32)[:n * dim].reshape(n, dim) if n else np.empty((0, dim), np.float32)
     status = cols["status"]
     ok = np.array([s == "ok" for s in status], dtype=bool)
-    if n and (vec_col.is_null().to_numpy(zero_copy_only=False) & ok).any():
+    if n and (np.array(vec_col.is_null().to_pylist(), dtype=bool) & ok).any():
         raise InputError(f"{path}: an ok row without a vector")
     _check_vectors(path, vecs, ok)
     bad = sorted({s for s in status} - {"ok", "failed", "duplicate"})
     if bad:
         raise InputError(f"{path}: unknown status {bad[0]!r}")
-    cols["rest"] = list(zip(cols["http_status"], cols["content_sha256"], [None] * n, cols["width"], cols["height"],
-                            cols["format"], cols["bytes"], cols["path"], cols["mtime"], cols["meta"]))
+    cols["body"] = list(zip(*(cols[c] for c in _BODY)))
     return cols, vecs
 
 
@@ -329,23 +342,21 @@ def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, 
     status, sha, error = cols["status"], cols["content_sha256"], cols["error"]
     holders = _holders(conn, (sha[i] for i in fast if status[i] != "failed"))
     next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]) + 1
-    rest = cols["rest"]  # the bound columns after id, url, url_hash and error (see _insert_sql)
-    url, url_hash = cols["url"], cols["url_hash"]
+    body, url = cols["body"], cols["url"]  # body[i] + (id, duplicate_of, error, time) is what _insert_sql binds
     ok_rows, ok_at, dup_rows, failed_rows = [], [], [], []
     for i in fast:
         st, h = status[i], sha[i]
         if st == "failed":
-            failed_rows.append((next_id, url[i], url_hash[i], error[i], *rest[i], now))
+            failed_rows.append(body[i] + (next_id, None, error[i], now))
             tag = _tag(error[i] or "")
             summary.reasons[tag] = summary.reasons.get(tag, 0) + 1
         elif h in holders:
-            r = rest[i]
-            dup_rows.append((next_id, url[i], url_hash[i], None, r[0], r[1], holders[h], *r[3:], now))
+            dup_rows.append(body[i] + (next_id, holders[h], None, now))
         elif st == "duplicate":
             raise InputError(f"{path}: row {url[i]} is a duplicate of content no ok row holds")
         else:
             holders[h] = next_id
-            ok_rows.append((next_id, url[i], url_hash[i], None, *rest[i], now))
+            ok_rows.append(body[i] + (next_id, None, None, now))
             ok_at.append(i)
         next_id += 1
     summary.new += len(ok_rows)
@@ -353,7 +364,7 @@ def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, 
     summary.failed += len(failed_rows)
     # ok rows first: duplicates refer to them (foreign key); each vector into its search-index list
     conn.executemany(_insert_sql("ok"), ok_rows)
-    index.insert_array(conn, [r[0] for r in ok_rows], vecs[ok_at])
+    index.insert_array(conn, [r[11] for r in ok_rows], vecs[ok_at])
     conn.executemany(_insert_sql("duplicate"), dup_rows)
     conn.executemany(_insert_sql("failed"), failed_rows)
 

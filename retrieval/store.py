@@ -320,7 +320,8 @@ def _statements(script: str):
 # the vec0 table's width comes from the model, so rewriting it cannot be a SQL file.
 # Python steps run right after a migration's SQL, in its transaction: module, function(conn)
 PYTHON_STEPS = {"0003_search_index": ("retrieval.index", "upgrade"),
-                "0004_lifecycle": ("retrieval.lifecycle", "relativise_paths")}
+                "0004_lifecycle": ("retrieval.lifecycle", "relativise_paths"),
+                "0008_list_index": ("retrieval.index", "add_list_index")}
 
 
 def _python_step(conn, name: str) -> None:

@@ -313,6 +313,55 @@ def test_doctor_repair_upgrades_an_old_gallery(tmp_path):
         {i: vectors[i - 1].tobytes() for i in range(1, 301) if i != 7}
 
 
+def uses_list_index(conn) -> bool:
+    """Whether vec0's lookup of a list's last chunk goes through migration 0008's index."""
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT max(rowid) FROM image_embeddings_chunks WHERE partition00 = ?",
+                        (3,)).fetchall()
+    return any(index.LIST_INDEX in str(tuple(r)) for r in plan)
+
+
+def test_migration_0008_on_a_blank_gallery_and_every_new_vectors_table(tmp_path):
+    conn = store.connect(tmp_path / "blank.db")
+    assert "0008_list_index" in store.applied_migrations(conn)  # no vectors table yet: nothing to index
+    store.ensure_model(conn, RECORD)
+    assert uses_list_index(conn)
+    store.commit_batch(conn, outcomes(clustered(600, seed=1)))
+    index.build(conn, nlist=8)  # drops and recreates image_embeddings
+    assert uses_list_index(conn)
+    assert index.check(conn)["status"] == "ok"
+
+
+def test_migration_0008_on_a_gallery_made_by_the_previous_schema(tmp_path):
+    path = tmp_path / "g7.db"
+    conn = store.connect(path, apply_migrations=False)
+    store.migrate(conn, upto=7)
+    store.ensure_model(conn, RECORD)
+    conn.execute(f"DROP INDEX {index.LIST_INDEX}")  # as 0001-0007 made it: no index on the shadow table
+    vectors = clustered(800, seed=1)
+    store.commit_batch(conn, outcomes(vectors))
+    index.build(conn, nlist=8)
+    conn.execute(f"DROP INDEX {index.LIST_INDEX}")
+    conn.execute("DELETE FROM migrations WHERE name = '0008_list_index'")
+    assert not uses_list_index(conn)
+    rows = conn.execute("SELECT * FROM images ORDER BY id").fetchall()
+    blobs = dict(conn.execute("SELECT image_id, embedding FROM image_embeddings").fetchall())
+    before = lists_of(conn)
+    q = clustered(1, seed=5)[0]
+    answer = [(r["id"], r["score"]) for r in store.search(conn, q, 10)]
+    conn.close()
+    conn = store.connect(path)  # applies 0008
+    assert "0008_list_index" in store.applied_migrations(conn)
+    assert uses_list_index(conn)
+    assert conn.execute("SELECT * FROM images ORDER BY id").fetchall() == rows
+    assert dict(conn.execute("SELECT image_id, embedding FROM image_embeddings").fetchall()) == blobs
+    assert lists_of(conn) == before
+    assert [(r["id"], r["score"]) for r in store.search(conn, q, 10)] == answer
+    store.commit_batch(conn, outcomes(clustered(50, seed=3), start=10_000))  # new rows into their lists
+    assert index.check(conn)["status"] == "ok"
+    conn.close()
+    assert cli("doctor", "--db", path).returncode == 0
+
+
 # ---------------------------------------------------------------- CLI and the sqlite3 shell
 
 

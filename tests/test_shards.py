@@ -207,6 +207,14 @@ def test_bad_shards_are_refused_naming_the_file(gallery, tmp_path):
     bad = shard(tmp_path / "s", "bad", [ok(30), {**ok(31), "vector": unit(31) * 3}])
     with pytest.raises(InputError, match="bad.parquet: a vector that is not L2-normalised"):
         S.merge(gallery, [bad])
+    # an ok row whose vector has a null element (Parquet can hold one): refused, not stored as zeros
+    good = S.read_shard(shard(tmp_path / "s", "holes", [ok(32), ok(33)]))[1]
+    values = [None if k == 5 else float(x) for k, x in enumerate(unit(33))]
+    column = pa.array([list(map(float, unit(32))), values], type=good.schema.field("vector").type)
+    holes = tmp_path / "s" / "holes.parquet"
+    pq.write_table(good.set_column(good.schema.get_field_index("vector"), good.schema.field("vector"), column), holes)
+    with pytest.raises(InputError, match="holes.parquet: a vector with non-finite values"):
+        S.merge(gallery, [holes])
     with pytest.raises(InputError, match="no such shard directory"):
         S.merge(gallery, tmp_path / "nowhere")
     assert dump(gallery) == state
