@@ -112,6 +112,32 @@ def build(workdir: Path, n: int, variant: str) -> tuple[Path, Path]:
     return db, weights
 
 
+def gemm_rate(size: int = 2048, repeats: int = 3) -> float:
+    """This machine's float32 GEMM rate now (GFLOP/s, best of ``repeats``, NumPy's BLAS threads): the
+    ceiling the encoder's matrix products run under."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
+def upload_gflop(variant: str, data: bytes) -> float:
+    """The forward pass's GFLOP for one upload as the gallery preprocesses it (bench_encoder's count)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_encoder import gflop
+
+    from retrieval.preprocess import _resize_short_shape
+    from retrieval.variants import official_config
+
+    cfg = official_config(variant)
+    w, h = Image.open(io.BytesIO(data)).size
+    a, b = _resize_short_shape(w, h, 224)
+    return gflop(cfg, a // cfg.patch * cfg.patch, b // cfg.patch * cfg.patch, True)
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -166,6 +192,7 @@ def main() -> None:
 
         enc = query.gallery_encoder(conn, weights)
         l2_normalise(encode_images(enc, [decode(uploads[-1], "warm")]))
+        gemm = [gemm_rate()]
         search_alone, encode_alone = [], []
         for i, data in zip(ids[:args.repeats], uploads[:args.repeats]):
             v = store.get_vector(conn, i)
@@ -175,6 +202,7 @@ def main() -> None:
             t = time.perf_counter()
             l2_normalise(encode_images(enc, [decode(data, "q")]))
             encode_alone.append(time.perf_counter() - t)
+        gemm.append(gemm_rate())
         del enc
 
         render_cold = render_warm = None
@@ -208,6 +236,7 @@ def main() -> None:
         "by_id_median_s": median(by_id), "by_upload_median_s": median(by_upload),
         "store_search_alone_median_s": median(search_alone), "encode_alone_median_s": median(encode_alone),
         "render_50_cold_median_s": render_cold, "render_50_cached_median_s": render_warm,
+        "gemm_gflops_before_after": [round(g, 1) for g in gemm], "upload_forward_gflop": upload_gflop(args.variant, uploads[0]),
     }
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}, indent=2))
     print()
@@ -230,6 +259,10 @@ def main() -> None:
           " (encode + store.search)")
     print(f"server start to first answer {first_answer:.2f} s; model load (in the background) "
           f"{model['load_seconds']:.2f} s")
+    g, rate = figures["upload_forward_gflop"], max(figures["gemm_gflops_before_after"])
+    print(f"one upload's forward pass: {g:.1f} GFLOP; this machine's float32 GEMM now {rate:.0f} GFLOP/s (2048^3, "
+          f"best of 3, before and after the encodes): {g / rate:.3f} s at that rate; decode + encode ran at "
+          f"{g / figures['encode_alone_median_s']:.0f} GFLOP/s ({g / figures['encode_alone_median_s'] / rate:.0%} of it)")
 
 
 if __name__ == "__main__":
