@@ -561,7 +561,8 @@ def query(
         exclude = () if include_self else lifecycle.same_bytes(conn, image_id)
         if filtered or exclude:
             vector = Q.vector_of(conn, image_id)
-            results = lifecycle.search(conn, vector, k, where=conditions, min_score=min_score, exclude=exclude)
+            results = lifecycle.search(conn, vector, k, where=conditions, min_score=min_score, exclude=exclude,
+                                       **search)
         else:
             results = Q.by_id(conn, image_id, k, **search)
     else:
@@ -584,7 +585,7 @@ def query(
             img = open_path(image)
         if filtered:
             results = lifecycle.search(conn, Q.vector_of_image(encoder, img), k, where=conditions,
-                                       min_score=min_score)
+                                       min_score=min_score, **search)
         else:
             results = Q.by_image(conn, encoder, img, k, **search)
     local = {r["id"]: bool(r["path"]) and r["path"] == r["url"] for r in results}  # a local file: url is its key

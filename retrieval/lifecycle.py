@@ -224,10 +224,11 @@ def _result(rank, r) -> dict:
             "width": r["width"], "height": r["height"], "meta": json.loads(r["meta"]) if r["meta"] else None}
 
 
-def search(conn, vector, k: int, *, where=(), min_score: float | None = None, exclude=()) -> list[dict]:
+def search(conn, vector, k: int, *, where=(), min_score: float | None = None, exclude=(),
+           exact: bool | None = None, nprobe: int | None = None) -> list[dict]:
     """The ``k`` nearest ok images to ``vector`` among those every condition in ``where`` holds for, with a
     score of at least ``min_score``, leaving out the ids in ``exclude``; the result dicts of
-    ``store.search`` (ranks renumbered from 1).
+    ``store.search`` (ranks renumbered from 1), which ``exact`` and ``nprobe`` are passed to.
 
     The nearest-neighbour part is ``store.search`` (so a faster index behind it is used), asked for more
     neighbours until ``k`` of them pass or the gallery is exhausted (it starts at the number that holds
@@ -239,7 +240,7 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
         raise ValueError(f"k must be positive, not {k}")
     where, exclude = list(where), set(int(i) for i in exclude)
     if not where and min_score is None and not exclude:
-        return store.search(conn, vector, k)
+        return store.search(conn, vector, k, exact=exact, nprobe=nprobe)
     if not store._table_exists(conn, "image_embeddings"):
         return []
     n_vectors = store._count_vectors(conn)
@@ -256,7 +257,7 @@ def search(conn, vector, k: int, *, where=(), min_score: float | None = None, ex
         return _exact_filtered(conn, vector, k, where, min_score, exclude)
     kk = min(n_vectors, max(want, math.ceil(needed * 1.25)))
     while True:
-        found = store.search(conn, vector, kk)
+        found = store.search(conn, vector, kk, exact=exact, nprobe=nprobe)
         passing = set(matching_ids(conn, where, among=[r["id"] for r in found])) if where else None
         keep = [r for r in found if r["id"] not in exclude and (passing is None or r["id"] in passing)
                 and (min_score is None or r["score"] >= min_score)]

@@ -386,6 +386,25 @@ def test_cli_index_stats_and_query(gallery):
     assert index.state(conn) is None
 
 
+def test_query_by_id_honours_exact_and_nprobe_when_it_leaves_the_image_out(indexed):
+    """``query --id N`` leaves N out of its results (the default): --exact and --nprobe still apply."""
+    conn, vectors, path = indexed
+    ids = np.arange(1, N + 1)
+    # an image whose 20 nearest others differ between one probed list and the exact answer
+    probe = next(i for i in range(1, 400)
+                 if [r["id"] for r in store.search(conn, vectors[i - 1], 21, nprobe=1)]
+                 != [r["id"] for r in store.search(conn, vectors[i - 1], 21, exact=True)])
+
+    def top(*flags):
+        out = cli("query", "--id", probe, "-k", 20, *flags, "--db", path).stdout.splitlines()[1:]
+        return [int(line.split()[2]) for line in out if line.split() and line.split()[0].isdigit()]
+
+    exact = [i for i in exact_ids(vectors, ids, vectors[probe - 1], 21) if i != probe][:20]
+    assert top("--exact") == exact
+    one_list = [r["id"] for r in store.search(conn, vectors[probe - 1], 21, nprobe=1) if r["id"] != probe][:20]
+    assert top("--nprobe", "1") == one_list != exact
+
+
 def readme_shell_sql() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- ivf-sql.*?-->\s*```sql\n(.*?)```", text, re.S)

@@ -294,7 +294,7 @@ def test_filtered_search_grows_the_knn_the_same_as_the_exact_scan(tagged, monkey
         calls = []
         real = store.search
         monkeypatch.setattr(lifecycle, "EXACT_SCAN_SHARE", 0)
-        monkeypatch.setattr(store, "search", lambda c, v, k: calls.append(k) or real(c, v, k))
+        monkeypatch.setattr(store, "search", lambda c, v, k, **kw: calls.append(k) or real(c, v, k, **kw))
         grown = lifecycle.search(conn, q, 2, where=where, exclude={me})
         assert calls and calls[0] < 15  # asked for some neighbours first, not the whole gallery
         assert [(x["id"], x["rank"]) for x in grown] == [(x["id"], x["rank"]) for x in exact]
