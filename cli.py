@@ -1,6 +1,6 @@
 """``python cli.py COMMAND ...`` from a checkout: the thin entry point the README uses.
 
-The command line itself lives in ``retrieval/cli.py`` (installed, it is the ``dinov2-gallery`` command).
+The command line itself lives in ``retrieval/cli/`` (one module per group of commands) (installed, it is the ``dinov2-gallery`` command).
 """
 
 from retrieval.cli import app, main  # noqa: F401  (tests and scripts use cli.app / cli.main)
