@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -308,7 +308,7 @@ def _merge_table(conn, path, info: dict, cols: dict, vecs: np.ndarray, summary: 
     # URLs the gallery holds as failed: through the store's own per-row rules (attempts, ok kept ok, ...)
     seen: set[str] = set()
     fast: list[int] = []
-    slow_outcomes, slow_rows = [], []
+    slow_outcomes = []
     for i, h in enumerate(cols["url_hash"]):
         k = known.get(h)
         if h in seen or (k is not None and k["status"] in ("ok", "duplicate")):
@@ -325,7 +325,6 @@ def _merge_table(conn, path, info: dict, cols: dict, vecs: np.ndarray, summary: 
             slow_outcomes.append({**row, "status": "ok", "vector": vecs[i]})
         else:
             slow_outcomes.append({**row, "status": "duplicate"})
-        slow_rows.append(i)
     if slow_outcomes:
         for o, (_, st) in zip(slow_outcomes, store.commit_batch(conn, slow_outcomes)):
             _count(summary, o["status"], st, o.get("error"))
@@ -343,7 +342,7 @@ def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, 
     holders = _holders(conn, (sha[i] for i in fast if status[i] != "failed"))
     next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]) + 1
     body, url = cols["body"], cols["url"]  # body[i] + (id, duplicate_of, error, time) is what _insert_sql binds
-    ok_rows, ok_at, dup_rows, failed_rows = [], [], [], []
+    ok_rows, ok_ids, ok_at, dup_rows, failed_rows = [], [], [], [], []
     for i in fast:
         st, h = status[i], sha[i]
         if st == "failed":
@@ -357,6 +356,7 @@ def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, 
         else:
             holders[h] = next_id
             ok_rows.append(body[i] + (next_id, None, None, now))
+            ok_ids.append(next_id)
             ok_at.append(i)
         next_id += 1
     summary.new += len(ok_rows)
@@ -364,7 +364,7 @@ def _insert_new(conn, path, cols: dict, vecs: np.ndarray, fast: list, now: str, 
     summary.failed += len(failed_rows)
     # ok rows first: duplicates refer to them (foreign key); each vector into its search-index list
     conn.executemany(_insert_sql("ok"), ok_rows)
-    index.insert_array(conn, [r[11] for r in ok_rows], vecs[ok_at])
+    index.insert_array(conn, ok_ids, vecs[ok_at])
     conn.executemany(_insert_sql("duplicate"), dup_rows)
     conn.executemany(_insert_sql("failed"), failed_rows)
 
